@@ -1,0 +1,72 @@
+"""Generic block-layer logic above the drivers: QEMU's io.c block-status rules and chain helpers.
+
+Layer: engine.  ``block_status`` refines a driver's answer the way bdrv_co_block_status does: a RAW
+answer is passed down to the file; DATA or ZERO means ALLOCATED; an unallocated range with no backing
+file (or past the backing file's end) reads as ZERO; RECURSE asks the protocol layer whether the data
+is really a hole.
+"""
+from __future__ import annotations
+
+from engine.driver import BlockDriver, Extent, Status
+
+
+def block_status(node: BlockDriver, offset: int, length: int) -> Extent:
+    """Status of the run starting at ``offset`` within ``node`` alone (want_zero semantics)."""
+    size = node.size()
+    if offset >= size:
+        return Extent(Status.EOF, 0, 0, None)
+    length = min(length, size - offset)
+    ext = node.block_status(offset, length)
+    status, pnum, host, file = ext.status, max(1, min(ext.length, length)), ext.offset, ext.node
+    if status & Status.RAW:
+        assert file is not None
+        inner = file.block_status(host, pnum)
+        status = inner.status & ~Status.EOF
+        pnum = inner.length
+        host = inner.offset
+        file = inner.node
+    if status & (Status.DATA | Status.ZERO):
+        status |= Status.ALLOCATED
+    elif node.supports_backing:
+        backing = node.backing
+        if backing is None:
+            status |= Status.ZERO
+        elif offset >= backing.size():
+            status |= Status.ZERO
+    if (status & Status.RECURSE and file is not None and file is not node and status & Status.DATA
+            and not status & Status.ZERO and status & Status.OFFSET_VALID):
+        inner = file.block_status(host, pnum)
+        if inner.status & Status.EOF and (inner.length == 0 or inner.status & Status.ZERO):
+            status |= Status.ZERO
+        else:
+            pnum = inner.length
+            status |= inner.status & Status.ZERO
+    status &= ~Status.RECURSE
+    return Extent(status, pnum, host, file)
+
+
+def chain(node: BlockDriver) -> list[BlockDriver]:
+    """The node and its backing images, top first."""
+    out = []
+    cur: BlockDriver | None = node
+    while cur is not None:
+        out.append(cur)
+        cur = cur.backing
+    return out
+
+
+def is_allocated_above(top: BlockDriver, base: BlockDriver | None, offset: int, length: int) -> tuple[bool, int]:
+    """Whether [offset, offset+n) is allocated in some layer from ``top`` down to (excluding) ``base``;
+    returns (allocated, n)."""
+    n = length
+    cur: BlockDriver | None = top
+    while cur is not None and cur is not base:
+        if offset >= cur.size():
+            cur = cur.backing
+            continue
+        ext = block_status(cur, offset, n)
+        if ext.status & Status.ALLOCATED:
+            return True, ext.length
+        n = min(n, ext.length)
+        cur = cur.backing
+    return False, n

@@ -1,0 +1,1425 @@
+"""The qcow2 format driver: reads every variant qemu-img 7.2 creates (but encryption and external data
+files) and writes with QEMU's metadata rules and crash-safe ordering.
+
+Layer: engine.  Metadata lives here, in the coordinator: L1 in memory, L2 tables and refcount blocks in
+write-back caches, data bytes moved by the executor through the ``file`` child.
+
+Crash-safety invariants (what a crash at any point leaves is clean or leaks only):
+- data is written before the L2 entry that points at it (``_flush_metadata`` fsyncs the file first);
+- refcount increments reach the disk before the L2/L1 entries that use the clusters (non-lazy mode);
+- L2 tables reach the disk before the L1 entries that point at them;
+- refcount decrements (``_pending_free``) are applied only after the L2/L1 tables that dropped the
+  reference are on disk, so a freed cluster is never reused while a stale reference to it survives;
+- the header is rewritten only after every structure it points at is on disk, and old structures are
+  freed after it.
+With lazy refcounts the dirty bit is set (and flushed) before the first metadata write and refcount
+blocks are written only on close; a crash then leaves a dirty image that the next read-write open
+repairs, as QEMU does.
+"""
+from __future__ import annotations
+
+import errno
+import struct
+import time
+from collections import OrderedDict
+from typing import Any
+
+from engine.driver import BlockDriver, Extent, Status, register
+from engine.errors import (BlockError, CorruptImage, ImageOpenError, InvalidArgument, NotSupported,
+                           OutOfBounds)
+from engine.formats import qcow2_layout as L
+from engine.formats.qcow2_layout import SubclusterType as T
+from engine.units import round_up
+
+_L2_CACHE_LIMIT = 4096  # tables
+_RB_CACHE_LIMIT = 4096
+
+
+def _div_up(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@register
+class Qcow2Driver(BlockDriver):
+    format_name = "qcow2"
+    supports_backing = True
+
+    @classmethod
+    def probe(cls, head: bytes, filename: str) -> int:
+        if len(head) >= 8 and struct.unpack_from(">II", head, 0) in ((L.QCOW_MAGIC, 2), (L.QCOW_MAGIC, 3)):
+            return 100
+        return 0
+
+    # ------------------------------------------------------------------------------------------------
+    # open / close
+    # ------------------------------------------------------------------------------------------------
+    def open(self, options: dict[str, Any]) -> None:
+        """Parse the header and load the L1 and refcount tables.
+
+        Raises ImageOpenError for a bad or unsupported image and for a writable open of a corrupt one.
+        """
+        assert self.file is not None
+        self.cache_unsafe = options.get("cache") == "unsafe"
+        fsize = self.file.size()
+        head = self.file.read(0, 4096)
+        try:
+            cbits = struct.unpack_from(">I", head, 20)[0]
+        except struct.error:
+            raise ImageOpenError("Image is not in qcow2 format") from None
+        if L.MIN_CLUSTER_BITS <= cbits <= L.MAX_CLUSTER_BITS and (1 << cbits) > len(head):
+            head = self.file.read(0, 1 << cbits)
+        self.h = L.parse_header(head)
+        h = self.h
+        if h.incompatible_features & L.Incompat.CORRUPT and not self.read_only:
+            raise ImageOpenError("qcow2: Image is corrupt; cannot be opened read/write", errno=errno.EACCES)
+        self._setup_geometry()
+        if h.refcount_table_offset >= fsize:
+            raise ImageOpenError("Could not read refcount table: Invalid argument")
+        if h.nb_snapshots > 65536:
+            raise ImageOpenError("Too many snapshots")
+        self.l1 = L.unpack_u64_table(self.file.read(h.l1_table_offset, h.l1_size * 8)) if h.l1_size else []
+        self._load_refcount_table()
+        self.snapshots = self._load_snapshots()
+        self.l2_cache: OrderedDict[int, bytearray] = OrderedDict()
+        self.l2_dirty: set[int] = set()
+        self.rb_cache: OrderedDict[int, bytearray] = OrderedDict()
+        self.rb_dirty: set[int] = set()
+        self.l1_dirty: set[int] = set()
+        self.rt_dirty: set[int] = set()
+        self._pending_free: list[tuple[int, int]] = []
+        self.free_hint = 0
+        self.free_byte_offset = 0
+        self._alloc_end = _div_up(fsize, self.cs)
+        self._dirty_marked = False
+        self._meta_prealloc: bool | None = None
+        self._zcache: tuple[int, bytes] | None = None
+        if not self.read_only:
+            if h.incompatible_features & L.Incompat.DIRTY:
+                self._repair_dirty()
+            changed = False
+            unknown_auto = h.autoclear_features & ~int(L.Autoclear.DATA_FILE_RAW)
+            if unknown_auto:
+                # we keep no persistent bitmaps up to date (yet): the bitmaps bit goes too
+                h.autoclear_features &= int(L.Autoclear.DATA_FILE_RAW)
+                changed = True
+            if changed:
+                self._write_header()
+
+    def _setup_geometry(self) -> None:
+        h = self.h
+        self.cbits = h.cluster_bits
+        self.cs = 1 << self.cbits
+        self.ext_l2 = h.extended_l2
+        self.esz = 16 if self.ext_l2 else 8
+        self.l2_entries = self.cs // self.esz
+        self.sc_size = self.cs // L.SUBCLUSTERS if self.ext_l2 else self.cs
+        self.rorder = h.refcount_order
+        self.rmax = (1 << (1 << self.rorder)) - 1
+        self.epb = L.refcounts_per_block(self.cbits, self.rorder)
+        self.codec = h.compression
+
+    def _load_refcount_table(self) -> None:
+        h = self.h
+        raw = self.file.read(h.refcount_table_offset, h.refcount_table_clusters * self.cs)
+        self.rt = [e & L.REFT_OFFSET_MASK for e in L.unpack_u64_table(raw)]
+
+    def _load_snapshots(self) -> list[L.Snapshot]:
+        h = self.h
+        self.snapshots_size = 0
+        if not h.nb_snapshots:
+            return []
+        # the table is at most 64 KiB per 256 entries in practice; read generously, bounded by the file
+        size = min(max(self.file.size() - h.snapshots_offset, 0), h.nb_snapshots * (40 + 1024 + 2048 + 8))
+        buf = self.file.read(h.snapshots_offset, size)
+        try:
+            snaps, self.snapshots_size = L.parse_snapshots(buf, h.nb_snapshots, h.version)
+            return snaps
+        except CorruptImage as exc:
+            raise ImageOpenError(f"Could not read snapshots: {exc.message}") from None
+
+    def _repair_dirty(self) -> None:
+        """A dirty image (lazy refcounts and a crash) opened read-write: rebuild refcounts, as QEMU does."""
+        from engine.formats.qcow2_check import FIX_ERRORS, FIX_LEAKS, check_qcow2
+
+        assert self.file is not None
+        f = self.file
+        res = check_qcow2(f.read, f.size(), FIX_LEAKS | FIX_ERRORS, write=f.write, truncate=f.truncate,
+                          flush=f.flush)
+        if res.corruptions or res.check_errors:
+            raise ImageOpenError("qcow2: Could not repair dirty image")
+        head = f.read(0, self.cs)
+        self.h = L.parse_header(head)
+        self._setup_geometry()
+        self.l1 = L.unpack_u64_table(f.read(self.h.l1_table_offset, self.h.l1_size * 8)) if self.h.l1_size else []
+        self._load_refcount_table()
+
+    def close(self) -> None:
+        if getattr(self, "h", None) is not None and not self.read_only and self.file is not None:
+            try:
+                self.flush()
+                if self.h.incompatible_features & L.Incompat.DIRTY:
+                    self._write_refcounts()
+                    self._sync()
+                    self.h.incompatible_features &= ~int(L.Incompat.DIRTY)
+                    self._write_header()
+                    self._sync()
+            finally:
+                self.h = None  # type: ignore[assignment]
+        super().close()
+
+    # ------------------------------------------------------------------------------------------------
+    # basic properties
+    # ------------------------------------------------------------------------------------------------
+    def size(self) -> int:
+        return self.h.size
+
+    def cluster_size(self) -> int | None:
+        return self.cs
+
+    @property
+    def backing_filename(self) -> str | None:
+        return self.h.backing_file
+
+    @property
+    def backing_format(self) -> str | None:
+        return self.h.backing_format
+
+    def is_dirty(self) -> bool:
+        return bool(self.h.incompatible_features & L.Incompat.DIRTY)
+
+    def info_specific(self) -> dict[str, Any]:
+        h = self.h
+        data: dict[str, Any] = {"compat": "1.1" if h.version >= 3 else "0.10",
+                                "compression-type": h.compression}
+        if h.version >= 3:
+            data["lazy-refcounts"] = bool(h.compatible_features & L.Compat.LAZY_REFCOUNTS)
+        data["refcount-bits"] = h.refcount_bits
+        if h.version >= 3:
+            data["corrupt"] = bool(h.incompatible_features & L.Incompat.CORRUPT)
+            data["extended-l2"] = self.ext_l2
+        bitmaps = self._bitmap_list()
+        if bitmaps is not None:
+            data["bitmaps"] = bitmaps
+        return {"type": "qcow2", "data": data}
+
+    def _bitmap_list(self) -> list[dict[str, Any]] | None:
+        ext = self.h.bitmaps_ext
+        if ext is None or len(ext) < 24:
+            return None
+        nb, _res, dsize, doff = struct.unpack_from(">IIQQ", ext, 0)
+        if dsize > 64 << 20:
+            return None
+        buf = self.file.read(doff, dsize)
+        out = []
+        off = 0
+        for _ in range(nb):
+            if off + 24 > len(buf):
+                break
+            _toff, _tsize, flags, _typ, gbits, nsize, xsize = struct.unpack_from(">QIIBBHI", buf, off)
+            name = bytes(buf[off + 24 + xsize:off + 24 + xsize + nsize]).decode("utf-8", "replace")
+            fl = []
+            if flags & 1:
+                fl.append("in-use")
+            if flags & 2:
+                fl.append("auto")
+            out.append({"flags": fl, "name": name, "granularity": 1 << gbits})
+            off += (24 + xsize + nsize + 7) & ~7
+        return out
+
+    # ------------------------------------------------------------------------------------------------
+    # L2 access
+    # ------------------------------------------------------------------------------------------------
+    def _l2_table(self, l2_off: int) -> bytearray:
+        t = self.l2_cache.get(l2_off)
+        if t is None:
+            if l2_off % self.cs:
+                raise CorruptImage(f"L2 table offset {l2_off:#x} unaligned")
+            t = bytearray(self.file.read(l2_off, self.cs))
+            self.l2_cache[l2_off] = t
+            if len(self.l2_cache) > _L2_CACHE_LIMIT:
+                self._evict()
+        else:
+            self.l2_cache.move_to_end(l2_off)
+        return t
+
+    def _entry(self, table: bytearray, i: int) -> tuple[int, int]:
+        if self.ext_l2:
+            return struct.unpack_from(">QQ", table, i * 16)
+        return struct.unpack_from(">Q", table, i * 8)[0], 0
+
+    def _set_entry(self, table: bytearray, i: int, entry: int, bitmap: int = 0) -> None:
+        if self.ext_l2:
+            struct.pack_into(">QQ", table, i * 16, entry, bitmap)
+        else:
+            struct.pack_into(">Q", table, i * 8, entry)
+
+    def _lookup(self, vc: int) -> tuple[int, int]:
+        """(L2 entry, subcluster bitmap) for guest cluster ``vc``; (0, 0) when no L2 table."""
+        l1i = vc // self.l2_entries
+        if l1i >= len(self.l1):
+            return 0, 0
+        l2_off = self.l1[l1i] & L.L1E_OFFSET_MASK
+        if not l2_off:
+            return 0, 0
+        return self._entry(self._l2_table(l2_off), vc % self.l2_entries)
+
+    def _segments(self, offset: int, length: int):
+        """Yield (guest_offset, length, type, host_offset_or_entry) runs over [offset, offset+length).
+
+        For COMPRESSED the last item is the raw L2 entry; for others the host byte offset (0 if none)."""
+        pos = offset
+        end = offset + length
+        cs = self.cs
+        while pos < end:
+            vc = pos >> self.cbits
+            in_off = pos & (cs - 1)
+            n = min(cs - in_off, end - pos)
+            entry, bitmap = self._lookup(vc)
+            if entry & L.OFLAG_COMPRESSED:
+                yield pos, n, T.COMPRESSED, entry
+                pos += n
+                continue
+            host = entry & L.L2E_OFFSET_MASK
+            if not self.ext_l2:
+                t = L.cluster_type(entry, self.h.version)
+                yield pos, n, t, (host + in_off if host else 0)
+                pos += n
+                continue
+            # extended L2: walk subclusters
+            sc_size = self.sc_size
+            while n > 0:
+                sc = in_off // sc_size
+                m = min(sc_size - in_off % sc_size, n)
+                t = L.subcluster_type(entry, bitmap, sc)
+                if t == T.INVALID:
+                    raise CorruptImage(f"Invalid subcluster bitmap for guest cluster {vc}")
+                yield pos, m, t, (host + in_off if host else 0)
+                pos += m
+                in_off += m
+                n -= m
+
+    # ------------------------------------------------------------------------------------------------
+    # read
+    # ------------------------------------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or offset + length > self.h.size:
+            raise OutOfBounds(f"Read beyond end of image ({offset}+{length} > {self.h.size})")
+        out = bytearray(length)
+        run_start = -1  # coalesce contiguous NORMAL pieces into one pread
+        run_host = 0
+        run_len = 0
+
+        def flush_run() -> None:
+            nonlocal run_start, run_len
+            if run_len:
+                out[run_start:run_start + run_len] = self.file.read(run_host, run_len)
+            run_start, run_len = -1, 0
+
+        for pos, n, t, host in self._segments(offset, length):
+            rel = pos - offset
+            if t == T.NORMAL:
+                if run_len and run_start + run_len == rel and run_host + run_len == host:
+                    run_len += n
+                else:
+                    flush_run()
+                    run_start, run_host, run_len = rel, host, n
+                continue
+            flush_run()
+            if t in (T.ZERO_PLAIN, T.ZERO_ALLOC):
+                continue  # already zeros
+            if t == T.COMPRESSED:
+                data = self._read_compressed(pos >> self.cbits, host)
+                c_off = pos & (self.cs - 1)
+                out[rel:rel + n] = data[c_off:c_off + n]
+                continue
+            # unallocated: from the backing file, zeros past its end
+            if self.backing is not None:
+                bsize = self.backing.size()
+                if pos < bsize:
+                    m = min(n, bsize - pos)
+                    out[rel:rel + m] = self.backing.read(pos, m)
+        flush_run()
+        return bytes(out)
+
+    def _read_compressed(self, vc: int, entry: int) -> bytes:
+        if self._zcache and self._zcache[0] == entry:
+            return self._zcache[1]
+        coff, clen = L.decode_compressed(entry, self.cbits)
+        raw = self.file.read(coff, clen)
+        try:
+            data = self.executor.decompress(self.codec, raw, self.cs)
+        except ValueError as exc:
+            raise CorruptImage(f"Could not decompress cluster {vc}: {exc}") from None
+        self._zcache = (entry, data)
+        return data
+
+    # ------------------------------------------------------------------------------------------------
+    # block status
+    # ------------------------------------------------------------------------------------------------
+    def block_status(self, offset: int, length: int) -> Extent:
+        first = None
+        total = 0
+        next_host = 0
+        # limit the walk to the L2 table holding ``offset`` (as QEMU's slice)
+        l2_span = self.l2_entries * self.cs
+        limit = min(length, l2_span - offset % l2_span)
+        for pos, n, t, host in self._segments(offset, limit):
+            if first is None:
+                first = (t, host)
+                total = n
+                next_host = host + n
+                continue
+            if t != first[0]:
+                break
+            if t in (T.NORMAL, T.ZERO_ALLOC, T.UNALLOCATED_ALLOC) and host != next_host:
+                break
+            if t == T.COMPRESSED:
+                break
+            total += n
+            next_host = host + n
+        assert first is not None
+        t, host = first
+        st = Status(0)
+        if t in (T.NORMAL, T.ZERO_ALLOC, T.UNALLOCATED_ALLOC):
+            st |= Status.OFFSET_VALID
+        if t in (T.ZERO_PLAIN, T.ZERO_ALLOC):
+            st |= Status.ZERO
+        elif t in (T.NORMAL, T.COMPRESSED):
+            st |= Status.DATA
+        if t == T.NORMAL and self._metadata_preallocation():
+            st |= Status.RECURSE
+        return Extent(st, total, host if st & Status.OFFSET_VALID else 0, self.file)
+
+    def _metadata_preallocation(self) -> bool:
+        """QEMU's qcow2_detect_metadata_preallocation: many refcounted clusters, few host blocks."""
+        if self._meta_prealloc is None:
+            assert self.file is not None
+            flen = self.file.size()
+            real_clusters = self.file.allocated_size() // self.cs
+            threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+            nb = 0
+            for ci in range(_div_up(flen, self.cs)):
+                if self._get_rc(ci):
+                    nb += 1
+                    if nb >= threshold:
+                        break
+            self._meta_prealloc = nb >= threshold
+        return self._meta_prealloc
+
+    # ------------------------------------------------------------------------------------------------
+    # refcounts
+    # ------------------------------------------------------------------------------------------------
+    def _refblock(self, off: int) -> bytearray:
+        b = self.rb_cache.get(off)
+        if b is None:
+            b = bytearray(self.file.read(off, self.cs))
+            self.rb_cache[off] = b
+            if len(self.rb_cache) > _RB_CACHE_LIMIT:
+                self._evict()
+        return b
+
+    def _get_rc(self, ci: int) -> int:
+        b = ci // self.epb
+        if b >= len(self.rt) or not self.rt[b]:
+            return 0
+        return L.get_refcount(self._refblock(self.rt[b]), ci % self.epb, self.rorder)
+
+    def _change_rc(self, ci: int, delta: int) -> int:
+        b = ci // self.epb
+        if b >= len(self.rt) or not self.rt[b]:
+            self._ensure_refblock(b)
+        off = self.rt[b]
+        blk = self._refblock(off)
+        cur = L.get_refcount(blk, ci % self.epb, self.rorder)
+        new = cur + delta
+        if new < 0:
+            raise CorruptImage(f"Refcount of cluster {ci} would drop below zero")
+        if new > self.rmax:
+            raise BlockError("Refcount overflow", errno=errno.EINVAL)
+        L.set_refcount(blk, ci % self.epb, new, self.rorder)
+        self.rb_dirty.add(off)
+        if new == 0 and ci < self.free_hint:
+            self.free_hint = ci
+        return new
+
+    def _ensure_refblock(self, b: int) -> None:
+        if b >= len(self.rt):
+            self._grow_refcount_table(b + 1)
+        if self.rt[b]:
+            return
+        ci = b * self.epb  # the block describes itself, at the start of its own range
+        off = ci * self.cs
+        blk = bytearray(self.cs)
+        L.set_refcount(blk, 0, 1, self.rorder)
+        self.rb_cache[off] = blk
+        self.rb_dirty.add(off)
+        self.rt[b] = off
+        self.rt_dirty.add(b)
+        self._alloc_end = max(self._alloc_end, ci + 1)
+
+    def _grow_refcount_table(self, min_entries: int) -> None:
+        """Relocate the refcount table to a bigger one at the end of the image (QEMU's refcount area)."""
+        cs, epb = self.cs, self.epb
+        self._write_refcounts()  # everything dirty goes out with the old table first
+        start = max(self._alloc_end, _div_up(self.file.size(), cs))
+        want = max(min_entries, len(self.rt) * 3 // 2 + 1)
+        tc = _div_up(want * 8, cs)
+        nb = 0
+        while True:
+            end = start + nb + tc
+            missing = [b for b in range(start // epb, (end - 1) // epb + 1)
+                       if b >= len(self.rt) or not self.rt[b]]
+            entries = max(want, (max(missing) + 1) if missing else 0, len(self.rt))
+            tc2 = _div_up(entries * 8, cs)
+            if len(missing) == nb and tc2 <= tc:
+                break
+            nb = len(missing)
+            tc = max(tc, tc2)
+        new_rt = self.rt + [0] * (tc * cs // 8 - len(self.rt))
+        new_blocks: dict[int, bytearray] = {}
+        for i, b in enumerate(missing):
+            new_rt[b] = (start + i) * cs
+            new_blocks[b] = bytearray(cs)
+        for ci in range(start, start + nb + tc):
+            b = ci // epb
+            if b in new_blocks:
+                L.set_refcount(new_blocks[b], ci % epb, 1, self.rorder)
+            else:
+                off = self.rt[b]
+                blk = self._refblock(off)
+                L.set_refcount(blk, ci % epb, L.get_refcount(blk, ci % epb, self.rorder) + 1, self.rorder)
+                self.rb_dirty.add(off)
+        for b, blk in new_blocks.items():
+            self.rb_cache[new_rt[b]] = blk
+            self.file.write(new_rt[b], bytes(blk))
+        for off in sorted(self.rb_dirty):
+            self.file.write(off, bytes(self.rb_cache[off]))
+        self.rb_dirty.clear()
+        table_off = (start + nb) * cs
+        self.file.write(table_off, L.pack_u64_table(new_rt))
+        self._sync()
+        old_off, old_clusters = self.h.refcount_table_offset, self.h.refcount_table_clusters
+        self.h.refcount_table_offset = table_off
+        self.h.refcount_table_clusters = tc
+        self.rt = new_rt
+        self.rt_dirty.clear()
+        self._write_header()
+        self._sync()
+        self._alloc_end = max(self._alloc_end, start + nb + tc)
+        self._pending_free.append((old_off, old_clusters * cs))
+
+    def _find_free_run(self, n: int) -> int:
+        ci = self.free_hint
+        run_start = ci
+        run = 0
+        while run < n:
+            if self._get_rc(ci) == 0:
+                if run == 0:
+                    run_start = ci
+                run += 1
+            else:
+                run = 0
+            ci += 1
+        return run_start
+
+    def _alloc_clusters(self, n: int) -> int:
+        """Allocate ``n`` contiguous clusters (refcount 1 each, in the cache); return the host offset."""
+        while True:
+            s = self._find_free_run(n)
+            missing = [b for b in range(s // self.epb, (s + n - 1) // self.epb + 1)
+                       if b >= len(self.rt) or not self.rt[b]]
+            if not missing:
+                break
+            for b in missing:
+                self._ensure_refblock(b)
+        for ci in range(s, s + n):
+            self._change_rc(ci, 1)
+        if s == self.free_hint:
+            self.free_hint = s + n
+        self._alloc_end = max(self._alloc_end, s + n)
+        self._meta_prealloc = None if self._meta_prealloc else self._meta_prealloc
+        return s * self.cs
+
+    def _alloc_bytes(self, size: int) -> int:
+        """QEMU's qcow2_alloc_bytes: pack compressed data at byte granularity."""
+        cs = self.cs
+        off = self.free_byte_offset
+        if off and self._get_rc(off // cs) >= self.rmax:
+            off = 0
+        free_in_cluster = cs - (off % cs) if off else 0
+        if not off or free_in_cluster < size:
+            new = self._alloc_clusters(1)
+            # _alloc_clusters counted the new cluster once; the loop below counts each touched cluster
+            self._change_rc(new // cs, -1)
+            if not off or round_up(off, cs) != new:
+                off = new
+        start_c = off // cs
+        end_c = (off + size - 1) // cs
+        for ci in range(start_c, end_c + 1):
+            self._change_rc(ci, 1)
+        self.free_byte_offset = off + size
+        if self.free_byte_offset % cs == 0:
+            self.free_byte_offset = 0
+        return off
+
+    def _free_range(self, off: int, length: int) -> None:
+        """Queue a refcount decrement of every cluster touched by [off, off+length)."""
+        if length > 0:
+            self._pending_free.append((off, length))
+
+    def _free_entry(self, entry: int) -> None:
+        if entry & L.OFLAG_COMPRESSED:
+            start, end = L.compressed_host_range(entry, self.cbits)
+            self._free_range(start, end - start)
+        else:
+            host = entry & L.L2E_OFFSET_MASK
+            if host:
+                self._free_range(host, self.cs)
+
+    def _apply_frees(self) -> None:
+        frees, self._pending_free = self._pending_free, []
+        for off, length in frees:
+            for ci in range(off // self.cs, (off + length - 1) // self.cs + 1):
+                self._change_rc(ci, -1)
+
+    # ------------------------------------------------------------------------------------------------
+    # metadata write-back
+    # ------------------------------------------------------------------------------------------------
+    def _sync(self) -> None:
+        if not self.cache_unsafe:
+            self.file.flush()
+
+    def _lazy(self) -> bool:
+        return bool(self.h.compatible_features & L.Compat.LAZY_REFCOUNTS)
+
+    def _mark_dirty(self) -> None:
+        if self._lazy() and not self.h.incompatible_features & L.Incompat.DIRTY:
+            self._sync()
+            self.h.incompatible_features |= int(L.Incompat.DIRTY)
+            self._write_header()
+            self._sync()
+
+    def _write_refcounts(self) -> None:
+        for off in sorted(self.rb_dirty):
+            self.file.write(off, bytes(self.rb_cache[off]))
+        self.rb_dirty.clear()
+        if self.rt_dirty:
+            self._sync()
+            for b in sorted(self.rt_dirty):
+                self.file.write(self.h.refcount_table_offset + 8 * b, struct.pack(">Q", self.rt[b]))
+            self.rt_dirty.clear()
+
+    def _write_tables(self) -> None:
+        for off in sorted(self.l2_dirty):
+            self.file.write(off, bytes(self.l2_cache[off]))
+        self.l2_dirty.clear()
+        if self.l1_dirty:
+            self._sync()
+            lo, hi = min(self.l1_dirty), max(self.l1_dirty)
+            self.file.write(self.h.l1_table_offset + 8 * lo, L.pack_u64_table(self.l1[lo:hi + 1]))
+            self.l1_dirty.clear()
+
+    def _flush_metadata(self) -> None:
+        if not (self.l2_dirty or self.l1_dirty or self.rb_dirty or self.rt_dirty or self._pending_free):
+            return
+        lazy = self._lazy()
+        if lazy and (self.l2_dirty or self.l1_dirty):
+            self._mark_dirty()
+        self._sync()  # data before the L2 entries that point at it
+        if not lazy:
+            self._write_refcounts()  # refcount increments before their users
+            self._sync()
+        self._write_tables()
+        if self._pending_free:
+            self._sync()
+            self._apply_frees()  # decrements only once no table on disk uses the clusters
+        if not lazy:
+            self._write_refcounts()
+
+    def _evict(self) -> None:
+        self._flush_metadata()
+        while len(self.l2_cache) > _L2_CACHE_LIMIT // 2:
+            self.l2_cache.popitem(last=False)
+        if len(self.rb_cache) > _RB_CACHE_LIMIT // 2 and not self.rb_dirty:
+            while len(self.rb_cache) > _RB_CACHE_LIMIT // 2:
+                self.rb_cache.popitem(last=False)
+
+    def flush(self) -> None:
+        if self.read_only or self.file is None:
+            return
+        self._flush_metadata()
+        self._sync()
+
+    def _write_header(self) -> None:
+        data = L.serialize_header(self.h)
+        self.file.write(0, data)
+
+    # ------------------------------------------------------------------------------------------------
+    # write
+    # ------------------------------------------------------------------------------------------------
+    def _check_write(self, offset: int, length: int) -> None:
+        self.check_writable()
+        if offset < 0 or offset + length > self.h.size:
+            raise OutOfBounds(f"Write beyond end of image ({offset}+{length} > {self.h.size})")
+
+    def _l2_for_write(self, vc: int) -> tuple[bytearray, int]:
+        """The active L2 table for ``vc``, allocated or copied-on-write so that it is ours alone."""
+        l1i = vc // self.l2_entries
+        if l1i >= len(self.l1):
+            raise CorruptImage("L1 table too small for the image size")
+        l1e = self.l1[l1i]
+        old = l1e & L.L1E_OFFSET_MASK
+        if old and l1e & L.OFLAG_COPIED:
+            return self._l2_table(old), vc % self.l2_entries
+        new = self._alloc_clusters(1)
+        if old:
+            content = bytearray(self._l2_table(old))
+            self._free_range(old, self.cs)
+        else:
+            content = bytearray(self.cs)
+        self.l2_cache[new] = content
+        self.l2_dirty.add(new)
+        self.l1[l1i] = new | L.OFLAG_COPIED
+        self.l1_dirty.add(l1i)
+        return content, vc % self.l2_entries
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check_write(offset, len(data))
+        pos = offset
+        view = memoryview(data)
+        end = offset + len(data)
+        while pos < end:
+            vc = pos >> self.cbits
+            in_off = pos & (self.cs - 1)
+            n = min(self.cs - in_off, end - pos)
+            self._write_cluster(vc, in_off, view[pos - offset:pos - offset + n])
+            pos += n
+        self._maybe_evict()
+
+    def _maybe_evict(self) -> None:
+        if len(self.l2_dirty) > _L2_CACHE_LIMIT // 2 or len(self.rb_dirty) > _RB_CACHE_LIMIT // 2:
+            self._evict()
+
+    def _guest_view(self, vc: int) -> bytearray:
+        """The cluster's current guest-visible content (for copy-on-write of partial writes)."""
+        start = vc * self.cs
+        n = min(self.cs, self.h.size - start)
+        buf = bytearray(self.read(start, n))
+        if n < self.cs:
+            buf += bytes(self.cs - n)
+        return buf
+
+    def _write_cluster(self, vc: int, in_off: int, data: memoryview) -> None:
+        entry, bitmap = self._lookup(vc)
+        n = len(data)
+        if self.ext_l2:
+            self._write_cluster_ext(vc, in_off, data, entry, bitmap)
+            return
+        t = L.cluster_type(entry, self.h.version)
+        host = entry & L.L2E_OFFSET_MASK
+        if t in (T.NORMAL, T.ZERO_ALLOC) and entry & L.OFLAG_COPIED:
+            if t == T.NORMAL:
+                self.file.write(host + in_off, bytes(data))
+                return
+            buf = bytearray(self.cs)
+            buf[in_off:in_off + n] = data
+            self.file.write(host, self._trim_tail(vc, buf))
+            table, i = self._l2_for_write(vc)
+            self._set_entry(table, i, host | L.OFLAG_COPIED)
+            self.l2_dirty.add(self._table_off(vc))
+            return
+        if in_off == 0 and n == self.cs:
+            buf = bytearray(data)
+        else:
+            buf = self._guest_view(vc)
+            buf[in_off:in_off + n] = data
+        table, i = self._l2_for_write(vc)
+        new = self._alloc_clusters(1)
+        self.file.write(new, self._trim_tail(vc, buf))
+        self._set_entry(table, i, new | L.OFLAG_COPIED)
+        self.l2_dirty.add(self._table_off(vc))
+        if t in (T.NORMAL, T.ZERO_ALLOC, T.COMPRESSED):
+            self._free_entry(entry)
+
+    def _trim_tail(self, vc: int, buf: bytearray) -> bytes:
+        # never write less than what the refcounted cluster needs to *start* in the file
+        return bytes(buf)
+
+    def _table_off(self, vc: int) -> int:
+        return self.l1[vc // self.l2_entries] & L.L1E_OFFSET_MASK
+
+    def _write_cluster_ext(self, vc: int, in_off: int, data: memoryview, entry: int, bitmap: int) -> None:
+        cs, scs = self.cs, self.sc_size
+        n = len(data)
+        host = entry & L.L2E_OFFSET_MASK
+        compressed = bool(entry & L.OFLAG_COMPRESSED)
+        first_sc = in_off // scs
+        last_sc = (in_off + n - 1) // scs
+        if host and not compressed and entry & L.OFLAG_COPIED:
+            # write in place; fill the untouched parts of newly allocated subclusters from the old view
+            lo = first_sc * scs
+            hi = (last_sc + 1) * scs
+            need_view = any(not (bitmap >> sc) & 1 for sc in (first_sc, last_sc)) and (in_off != lo or in_off + n != hi)
+            if need_view:
+                view = self._guest_view(vc)
+                view[in_off:in_off + n] = data
+                self.file.write(host + lo, bytes(view[lo:hi]))
+            else:
+                self.file.write(host + in_off, bytes(data))
+            new_bitmap = bitmap
+            for sc in range(first_sc, last_sc + 1):
+                new_bitmap |= 1 << sc
+                new_bitmap &= ~(1 << (32 + sc))
+            if new_bitmap != bitmap:
+                table, i = self._l2_for_write(vc)
+                self._set_entry(table, i, entry, new_bitmap)
+                self.l2_dirty.add(self._table_off(vc))
+            return
+        # need a new host cluster: copy every subcluster the old cluster had allocated
+        view = self._guest_view(vc)
+        view[in_off:in_off + n] = data
+        table, i = self._l2_for_write(vc)
+        new = self._alloc_clusters(1)
+        if compressed or (host and not entry & L.OFLAG_COPIED):
+            old_alloc = 0xFFFFFFFF if compressed else bitmap & 0xFFFFFFFF
+        else:
+            old_alloc = 0
+        new_bitmap = old_alloc
+        if not compressed:
+            new_bitmap |= bitmap & 0xFFFFFFFF00000000
+        for sc in range(first_sc, last_sc + 1):
+            new_bitmap |= 1 << sc
+            new_bitmap &= ~(1 << (32 + sc))
+        # zero flags of allocated subclusters are meaningless; keep the pair exclusive
+        new_bitmap &= ~((new_bitmap & 0xFFFFFFFF) << 32)
+        self.file.write(new, bytes(view))
+        self._set_entry(table, i, new | L.OFLAG_COPIED, new_bitmap)
+        self.l2_dirty.add(self._table_off(vc))
+        if host or compressed:
+            self._free_entry(entry)
+
+    def write_compressed(self, offset: int, data: bytes) -> None:
+        """Write whole clusters compressed (QEMU's rules: cluster-aligned; the last may be short at EOF)."""
+        self._check_write(offset, len(data))
+        cs = self.cs
+        if offset % cs or (len(data) % cs and offset + len(data) != self.h.size):
+            raise InvalidArgument("Compressed writes must be cluster aligned")
+        pos = 0
+        while pos < len(data):
+            chunk = bytes(data[pos:pos + cs])
+            if len(chunk) < cs:
+                chunk += bytes(cs - len(chunk))
+            vc = (offset + pos) >> self.cbits
+            entry, bitmap = self._lookup(vc)
+            if entry & L.L2E_OFFSET_MASK or entry & L.OFLAG_COMPRESSED:
+                raise BlockError("Compressed write to an allocated cluster", errno=errno.EIO)
+            comp = self.executor.compress(self.codec, chunk, cs)
+            if comp is None:
+                self._write_cluster(vc, 0, memoryview(chunk))
+            else:
+                table, i = self._l2_for_write(vc)
+                coff = self._alloc_bytes(len(comp))
+                self.file.write(coff, comp)
+                self._set_entry(table, i, L.encode_compressed(coff, len(comp), self.cbits), 0)
+                self.l2_dirty.add(self._table_off(vc))
+            pos += cs
+        self._maybe_evict()
+
+    # ------------------------------------------------------------------------------------------------
+    # zero writes and discard
+    # ------------------------------------------------------------------------------------------------
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        self._check_write(offset, length)
+        cs = self.cs
+        gran = self.sc_size
+        end = offset + length
+        pos = offset
+        while pos < end:
+            vc = pos >> self.cbits
+            in_off = pos & (cs - 1)
+            n = min(cs - in_off, end - pos)
+            whole = in_off == 0 and (n == cs or pos + n == self.h.size)
+            if whole and self._zero_cluster(vc, unmap):
+                pos += n
+                continue
+            if self.ext_l2 and in_off % gran == 0 and (n % gran == 0 or pos + n == self.h.size):
+                if self._zero_subclusters(vc, in_off, n):
+                    pos += n
+                    continue
+            if not whole and self._reads_zero(vc):
+                pos += n
+                continue
+            self._write_cluster(vc, in_off, memoryview(bytes(n)))
+            pos += n
+        self._maybe_evict()
+
+    def _reads_zero(self, vc: int) -> bool:
+        entry, bitmap = self._lookup(vc)
+        if self.ext_l2:
+            return False
+        t = L.cluster_type(entry, self.h.version)
+        if t in (T.ZERO_PLAIN, T.ZERO_ALLOC):
+            return True
+        return t == T.UNALLOCATED_PLAIN and self.backing is None
+
+    def _zero_cluster(self, vc: int, unmap: bool) -> bool:
+        """Make a whole cluster read as zeros by metadata alone; False when the format cannot."""
+        entry, bitmap = self._lookup(vc)
+        compressed = bool(entry & L.OFLAG_COMPRESSED)
+        host = entry & L.L2E_OFFSET_MASK
+        if self.h.version < 3 and not self.ext_l2:
+            if self.backing is not None:
+                return False
+            if entry == 0:
+                return True
+            # v2 without a backing file: discard
+            table, i = self._l2_for_write(vc)
+            self._set_entry(table, i, 0)
+            self.l2_dirty.add(self._table_off(vc))
+            self._free_entry(entry)
+            return True
+        allocated = compressed or bool(host)
+        do_unmap = compressed or (unmap and allocated)
+        new_entry = 0 if do_unmap else entry
+        if self.ext_l2:
+            new_bitmap = L.BITMAP_ALL_ZEROES
+        else:
+            new_entry |= L.OFLAG_ZERO
+            new_bitmap = 0
+        if new_entry == entry and new_bitmap == bitmap:
+            return True
+        table, i = self._l2_for_write(vc)
+        self._set_entry(table, i, new_entry, new_bitmap)
+        self.l2_dirty.add(self._table_off(vc))
+        if do_unmap and allocated:
+            self._free_entry(entry)
+        return True
+
+    def _zero_subclusters(self, vc: int, in_off: int, n: int) -> bool:
+        entry, bitmap = self._lookup(vc)
+        if entry & L.OFLAG_COMPRESSED:
+            return False
+        new_bitmap = bitmap
+        for sc in range(in_off // self.sc_size, (in_off + n - 1) // self.sc_size + 1):
+            new_bitmap &= ~(1 << sc)
+            new_bitmap |= 1 << (32 + sc)
+        if new_bitmap == bitmap:
+            return True
+        table, i = self._l2_for_write(vc)
+        self._set_entry(table, i, entry, new_bitmap)
+        self.l2_dirty.add(self._table_off(vc))
+        return True
+
+    def discard(self, offset: int, length: int) -> None:
+        """QEMU's qcow2 discard: whole clusters only; the guest then reads zeros (v3, or no backing file)."""
+        self._check_write(offset, length)
+        cs = self.cs
+        start = round_up(offset, cs)
+        end = offset + length
+        if end != self.h.size:
+            end = end // cs * cs
+        for vc in range(start >> self.cbits, _div_up(end, cs) if end > start else start >> self.cbits):
+            entry, bitmap = self._lookup(vc)
+            host = entry & L.L2E_OFFSET_MASK
+            compressed = bool(entry & L.OFLAG_COMPRESSED)
+            allocated = compressed or bool(host)
+            if self.backing is not None or allocated:
+                if self.ext_l2:
+                    new_entry, new_bitmap = 0, L.BITMAP_ALL_ZEROES
+                elif self.h.version >= 3:
+                    new_entry, new_bitmap = L.OFLAG_ZERO, 0
+                else:
+                    new_entry, new_bitmap = 0, 0
+            else:
+                continue
+            if (new_entry, new_bitmap) == (entry, bitmap):
+                continue
+            table, i = self._l2_for_write(vc)
+            self._set_entry(table, i, new_entry, new_bitmap)
+            self.l2_dirty.add(self._table_off(vc))
+            if allocated:
+                self._free_entry(entry)
+        self._maybe_evict()
+
+    # ------------------------------------------------------------------------------------------------
+    # resize
+    # ------------------------------------------------------------------------------------------------
+    def truncate(self, size: int, prealloc: str = "off", shrink: bool = False) -> None:
+        """Grow or shrink the virtual disk (QEMU's qcow2_co_truncate, preallocation off or metadata)."""
+        self.check_writable()
+        if size % 512:
+            raise InvalidArgument("The new size must be a multiple of 512")
+        if prealloc not in ("off", "metadata"):
+            raise NotSupported(f"Unsupported preallocation mode '{prealloc}'")
+        old = self.h.size
+        if size < old:
+            if not shrink:
+                raise InvalidArgument("Use the --shrink option to perform a shrink operation.")
+            self._shrink(size)
+        else:
+            self._resize_l1(self._l1_needed(size))
+            self.flush()
+            self.h.size = size
+            self._write_header()
+            self._sync()
+            if prealloc == "metadata":
+                self._preallocate(old, size)
+
+    def _l1_needed(self, size: int) -> int:
+        return _div_up(size, self.cs * self.l2_entries)
+
+    def _resize_l1(self, entries: int) -> None:
+        """Grow the active L1 to ``entries`` (relocating it as QEMU does)."""
+        if entries <= len(self.l1):
+            return
+        if entries > (32 << 20) // 8:
+            raise InvalidArgument("Image size too big: L1 table would exceed 32 MiB")
+        self.flush()
+        new_l1 = self.l1 + [0] * (entries - len(self.l1))
+        new_off = self._alloc_clusters(_div_up(entries * 8, self.cs))
+        self._write_refcounts()
+        self._sync()
+        self.file.write(new_off, L.pack_u64_table(new_l1))
+        self._sync()
+        old_off, old_size = self.h.l1_table_offset, self.h.l1_size
+        self.h.l1_table_offset, self.h.l1_size = new_off, entries
+        self.l1 = new_l1
+        self.l1_dirty.clear()
+        self._write_header()
+        self._sync()
+        if old_size:
+            self._free_range(old_off, _div_up(old_size * 8, self.cs) * self.cs)
+        self.flush()
+
+    def _shrink(self, size: int) -> None:
+        cs = self.cs
+        first_gone = _div_up(size, cs)
+        total = _div_up(self.h.size, cs)
+        for vc in range(first_gone, total):
+            entry, _ = self._lookup(vc)
+            if entry or _:
+                table, i = self._l2_for_write(vc)
+                self._set_entry(table, i, 0, 0)
+                self.l2_dirty.add(self._table_off(vc))
+                self._free_entry(entry)
+        keep_l1 = self._l1_needed(size)
+        self.flush()
+        for l1i in range(keep_l1, len(self.l1)):
+            l2off = self.l1[l1i] & L.L1E_OFFSET_MASK
+            if l2off:
+                self.l1[l1i] = 0
+                self.l1_dirty.add(l1i)
+                self.l2_cache.pop(l2off, None)
+                self.l2_dirty.discard(l2off)
+                self._free_range(l2off, cs)
+        self.h.size = size
+        self.flush()
+        self._write_header()
+        self._sync()
+        self._truncate_file_to_end()
+
+    def _truncate_file_to_end(self) -> None:
+        last = 0
+        nclusters = _div_up(self.file.size(), self.cs)
+        for ci in range(nclusters - 1, -1, -1):
+            if self._get_rc(ci):
+                last = ci + 1
+                break
+        if last and last < nclusters:
+            self.file.truncate(last * self.cs)
+            self._alloc_end = last
+
+    def _preallocate(self, start: int, end: int) -> None:
+        """preallocation=metadata: allocate L2 tables and host clusters without writing data."""
+        cs = self.cs
+        last_host = 0
+        for vc in range(start // cs if start % cs == 0 else start // cs + 1, _div_up(end, cs)):
+            entry, _ = self._lookup(vc)
+            if entry & L.L2E_OFFSET_MASK or entry & L.OFLAG_COMPRESSED:
+                continue
+            table, i = self._l2_for_write(vc)
+            host = self._alloc_clusters(1)
+            bitmap = L.BITMAP_ALL_ALLOC if self.ext_l2 else 0
+            self._set_entry(table, i, host | L.OFLAG_COPIED, bitmap)
+            self.l2_dirty.add(self._table_off(vc))
+            last_host = max(last_host, host + cs)
+        self.flush()
+        if last_host > self.file.size():
+            self.file.truncate(last_host)
+
+    # ------------------------------------------------------------------------------------------------
+    # snapshots
+    # ------------------------------------------------------------------------------------------------
+    def _update_l1_refcounts(self, l1: list[int], addend: int, fix_active: bool) -> None:
+        """QEMU's qcow2_update_snapshot_refcount over one L1 table: add ``addend`` to every L2 and data
+        cluster it reaches (once per path); with ``fix_active`` recompute COPIED flags of the active
+        tables from the refcounts."""
+        cs = self.cs
+        for l1i, l1e in enumerate(l1):
+            l2off = l1e & L.L1E_OFFSET_MASK
+            if not l2off:
+                continue
+            table = self._l2_table(l2off)
+            changed = False
+            for i in range(self.l2_entries):
+                entry, bitmap = self._entry(table, i)
+                if not entry:
+                    continue
+                if entry & L.OFLAG_COMPRESSED:
+                    if addend:
+                        start, end = L.compressed_host_range(entry, self.cbits)
+                        for ci in range(start // cs, (end - 1) // cs + 1):
+                            if addend > 0:
+                                self._change_rc(ci, addend)
+                            else:
+                                self._pending_free.append((ci * cs, cs))
+                    continue
+                host = entry & L.L2E_OFFSET_MASK
+                if not host:
+                    continue
+                if addend > 0:
+                    rc = self._change_rc(host // cs, addend)
+                elif addend < 0:
+                    rc = self._get_rc(host // cs) - 1
+                    self._pending_free.append((host, cs))
+                else:
+                    rc = self._get_rc(host // cs)
+                if fix_active:
+                    new = (entry | L.OFLAG_COPIED) if rc == 1 else (entry & ~L.OFLAG_COPIED)
+                    if new != entry:
+                        self._set_entry(table, i, new, bitmap)
+                        changed = True
+            if changed:
+                self.l2_dirty.add(l2off)
+            if addend > 0:
+                rc = self._change_rc(l2off // cs, addend)
+            elif addend < 0:
+                rc = self._get_rc(l2off // cs) - 1
+                self._pending_free.append((l2off, cs))
+            else:
+                rc = self._get_rc(l2off // cs)
+            if fix_active:
+                new = (l1e | L.OFLAG_COPIED) if rc == 1 else (l1e & ~L.OFLAG_COPIED)
+                if new != l1e:
+                    l1[l1i] = new
+                    self.l1_dirty.add(l1i)
+
+    def _write_snapshot_table(self, snaps: list[L.Snapshot]) -> None:
+        """Write a new snapshot table, switch the header to it, then free the old one."""
+        self.flush()
+        data = L.serialize_snapshots(snaps)
+        new_off = self._alloc_clusters(_div_up(len(data), self.cs)) if data else 0
+        self._write_refcounts()
+        if data:
+            self.file.write(new_off, data)
+        self._sync()
+        old_off = self.h.snapshots_offset
+        old_len = self.snapshots_size if self.h.nb_snapshots else 0
+        self.h.snapshots_offset = new_off
+        self.h.nb_snapshots = len(snaps)
+        self._write_header()
+        self._sync()
+        if old_len:
+            self._free_range(old_off, _div_up(old_len, self.cs) * self.cs)
+        self.snapshots = snaps
+        self.snapshots_size = len(data)
+        self.flush()
+
+    def find_snapshot(self, name: str) -> L.Snapshot | None:
+        for sn in self.snapshots:
+            if sn.id_str == name:
+                return sn
+        for sn in self.snapshots:
+            if sn.name == name:
+                return sn
+        return None
+
+    def snapshot_create(self, name: str, now_ns: int | None = None) -> None:
+        self.check_writable()
+        if self.h.refcount_bits == 1:
+            raise BlockError(f"Could not create snapshot '{name}': -22 (Invalid argument)", errno=errno.EINVAL)
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        self.flush()
+        ids = [int(s.id_str) for s in self.snapshots if s.id_str.isdigit()]
+        new_id = str(max(ids) + 1 if ids else 1)
+        l1_clusters = _div_up(len(self.l1) * 8, self.cs) if self.l1 else 0
+        sn_l1_off = self._alloc_clusters(l1_clusters) if l1_clusters else 0
+        self._write_refcounts()
+        snap_l1 = [e & ~L.OFLAG_COPIED for e in self.l1]
+        if snap_l1:
+            self.file.write(sn_l1_off, L.pack_u64_table(snap_l1))
+        self._update_l1_refcounts(self.l1, 1, fix_active=True)
+        self.flush()
+        sn = L.Snapshot(l1_table_offset=sn_l1_off, l1_size=len(self.l1), id_str=new_id, name=name,
+                        date_sec=now_ns // 10**9, date_nsec=now_ns % 10**9, vm_clock_nsec=0,
+                        vm_state_size=0, disk_size=self.h.size, icount=0)
+        self._write_snapshot_table(self.snapshots + [sn])
+
+    def _read_snapshot_l1(self, sn: L.Snapshot) -> list[int]:
+        if sn.l1_size > (32 << 20) // 8:
+            raise CorruptImage("Snapshot L1 table too large")
+        return L.unpack_u64_table(self.file.read(sn.l1_table_offset, sn.l1_size * 8)) if sn.l1_size else []
+
+    def snapshot_apply(self, name: str) -> None:
+        self.check_writable()
+        sn = self.find_snapshot(name)
+        if sn is None:
+            raise BlockError("Failed to load snapshot: No such file or directory", errno=errno.ENOENT)
+        self.flush()
+        sn_l1 = self._read_snapshot_l1(sn)
+        if sn.disk_size is not None and sn.disk_size != self.h.size:
+            self.h.size = sn.disk_size
+        needed = max(len(sn_l1), self._l1_needed(self.h.size))
+        self._resize_l1(needed)
+        # take the snapshot's references first, then drop the current ones (QEMU's order)
+        new_l1 = sn_l1 + [0] * (len(self.l1) - len(sn_l1))
+        self._update_l1_refcounts(new_l1, 1, fix_active=False)
+        self._write_refcounts()
+        self._sync()
+        old_l1 = self.l1
+        self.l1 = [e & ~L.OFLAG_COPIED for e in new_l1]
+        self.l1_dirty = set(range(len(self.l1)))
+        self._write_tables()
+        self._sync()
+        self._write_header()
+        self._sync()
+        self._update_l1_refcounts(old_l1, -1, fix_active=False)
+        self.flush()
+        self._update_l1_refcounts(self.l1, 0, fix_active=True)
+        self.flush()
+
+    def snapshot_delete(self, name: str) -> None:
+        self.check_writable()
+        sn = self.find_snapshot(name)
+        if sn is None:
+            raise BlockError(f"Could not delete snapshot '{name}': snapshot not found", errno=errno.ENOENT)
+        self.flush()
+        sn_l1 = self._read_snapshot_l1(sn)
+        self._write_snapshot_table([s for s in self.snapshots if s is not sn])
+        self._update_l1_refcounts(sn_l1, -1, fix_active=False)
+        if sn.l1_size:
+            self._free_range(sn.l1_table_offset, _div_up(sn.l1_size * 8, self.cs) * self.cs)
+        self.flush()
+        self._update_l1_refcounts(self.l1, 0, fix_active=True)
+        self.flush()
+
+    def snapshot_l1(self, name: str) -> tuple[list[int], int]:
+        sn = self.find_snapshot(name)
+        if sn is None:
+            raise BlockError(f"Failed to load snapshot '{name}': No such file or directory", errno=errno.ENOENT)
+        return self._read_snapshot_l1(sn), (sn.disk_size if sn.disk_size is not None else self.h.size)
+
+    def load_snapshot_readonly(self, name: str) -> None:
+        """Expose snapshot ``name`` as this (read-only) node's content, as ``convert -l`` does."""
+        if not self.read_only:
+            raise InvalidArgument("snapshots can be loaded only read-only")
+        l1, size = self.snapshot_l1(name)
+        self.l1 = l1
+        self.h.size = size
+
+    # ------------------------------------------------------------------------------------------------
+    # header edits: backing file, amend
+    # ------------------------------------------------------------------------------------------------
+    def set_backing(self, name: str | None, fmt: str | None) -> None:
+        """Rewrite the backing file name and format in the header (``rebase``, ``commit``)."""
+        self.check_writable()
+        self.flush()
+        self.h.backing_file = name or None
+        self.h.backing_format = fmt if name else None
+        self._write_header()
+        self._sync()
+
+    def amend(self, opts: dict[str, Any]) -> None:
+        """``qemu-img amend``: compat (0.10 <-> 1.1) and lazy_refcounts."""
+        self.check_writable()
+        self.flush()
+        h = self.h
+        compat = opts.get("compat")
+        lazy = opts.get("lazy_refcounts")
+        for key in opts:
+            if key in ("cluster_size", "compression_type", "extended_l2", "preallocation"):
+                raise InvalidArgument("This option is only supported for image creation")
+            if key in ("backing_file", "backing_fmt"):
+                raise InvalidArgument("Cannot amend the backing file; use 'qemu-img rebase' instead")
+            if key not in ("compat", "lazy_refcounts", "size"):
+                raise InvalidArgument(f"Invalid parameter '{key}'")
+        target_v = h.version
+        if compat is not None:
+            target_v = 2 if compat in ("0.10", "v2") else 3 if compat in ("1.1", "v3") else 0
+            if not target_v:
+                raise InvalidArgument(f"Invalid compatibility level: '{compat}'")
+        want_lazy = bool(h.compatible_features & L.Compat.LAZY_REFCOUNTS)
+        if lazy is not None:
+            want_lazy = lazy
+        if want_lazy and target_v < 3:
+            raise InvalidArgument("Lazy refcounts only supported with compatibility level 1.1 and above")
+        if target_v == 2 and h.version == 3:
+            if h.refcount_order != 4:
+                raise InvalidArgument("Different refcount widths than 16 bits require compatibility level 1.1 "
+                                      "or above (use compat=1.1 or greater)")
+            if self.ext_l2:
+                raise InvalidArgument("Cannot downgrade an image with extended L2 entries")
+            if h.compression_type:
+                raise InvalidArgument("Cannot downgrade an image with a compression type other than zlib")
+            if h.bitmaps_ext is not None:
+                raise InvalidArgument("Cannot downgrade an image with bitmaps")
+            if want_lazy != bool(h.compatible_features & L.Compat.LAZY_REFCOUNTS) or want_lazy:
+                pass
+            h.compatible_features &= ~int(L.Compat.LAZY_REFCOUNTS)
+            self._expand_zero_clusters()
+            h.version = 2
+            h.header_length = 72
+            h.incompatible_features = h.compatible_features = h.autoclear_features = 0
+            self._write_header()
+            self._sync()
+            return
+        if target_v == 3 and h.version == 2:
+            h.version = 3
+            h.header_length = 112
+            h.refcount_order = 4
+        if want_lazy:
+            h.compatible_features |= int(L.Compat.LAZY_REFCOUNTS)
+        else:
+            if h.incompatible_features & L.Incompat.DIRTY:
+                self._write_refcounts()
+                self._sync()
+                h.incompatible_features &= ~int(L.Incompat.DIRTY)
+            h.compatible_features &= ~int(L.Compat.LAZY_REFCOUNTS)
+        self._write_header()
+        self._sync()
+
+    def _expand_zero_clusters(self) -> None:
+        """Before a v2 downgrade: zero-flag entries become unallocated (no backing file) or real zeroed
+        clusters (with one), in the active and every snapshot's tables."""
+        cs = self.cs
+        tables = [self.l1] + [self._read_snapshot_l1(sn) for sn in self.snapshots]
+        seen: set[int] = set()
+        for l1 in tables:
+            for l1e in l1:
+                l2off = l1e & L.L1E_OFFSET_MASK
+                if not l2off or l2off in seen:
+                    continue
+                seen.add(l2off)
+                table = self._l2_table(l2off)
+                changed = False
+                for i in range(self.l2_entries):
+                    entry, _ = self._entry(table, i)
+                    if not entry & L.OFLAG_ZERO or entry & L.OFLAG_COMPRESSED:
+                        continue
+                    host = entry & L.L2E_OFFSET_MASK
+                    if host:
+                        self.file.write_zeroes(host, cs, False)
+                        self._set_entry(table, i, entry & ~L.OFLAG_ZERO)
+                    elif self.backing is None:
+                        self._set_entry(table, i, 0)
+                    else:
+                        new = self._alloc_clusters(1)
+                        self.file.write_zeroes(new, cs, False)
+                        self._set_entry(table, i, new | L.OFLAG_COPIED if l1 is self.l1 else new)
+                    changed = True
+                if changed:
+                    self.l2_dirty.add(l2off)
+        self.flush()
+
+    # ------------------------------------------------------------------------------------------------
+    # creation
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, filename: str, size: int | None, executor, options: dict[str, Any]) -> None:
+        """``qemu-img create -f qcow2``.  Raises InvalidArgument with qemu-img's messages."""
+        from engine.formats.file import FileDriver
+
+        opts = dict(options)
+        compat = str(opts.pop("compat", "1.1"))
+        if compat in ("0.10", "v2"):
+            version = 2
+        elif compat in ("1.1", "v3"):
+            version = 3
+        else:
+            raise InvalidArgument(f"Invalid compatibility level: '{compat}'")
+        cs = int(opts.pop("cluster_size", 65536))
+        if cs < 512 or cs > 2 << 20 or cs & (cs - 1):
+            raise InvalidArgument("Cluster size must be a power of two between 512 and 2048k")
+        rbits = int(opts.pop("refcount_bits", 16))
+        if rbits < 1 or rbits > 64 or rbits & (rbits - 1):
+            raise InvalidArgument("Refcount width must be a power of two and may not exceed 64 bits")
+        if version < 3 and rbits != 16:
+            raise InvalidArgument("Different refcount widths than 16 bits require compatibility level 1.1 or "
+                                  "above (use compat=1.1 or greater)")
+        lazy = bool(opts.pop("lazy_refcounts", False))
+        if lazy and version < 3:
+            raise InvalidArgument("Lazy refcounts only supported with compatibility level 1.1 and above "
+                                  "(use compat=1.1 or greater)")
+        ctype = str(opts.pop("compression_type", "zlib"))
+        if ctype not in ("zlib", "zstd"):
+            raise InvalidArgument(f"Invalid parameter '{ctype}'")
+        if ctype != "zlib" and version < 3:
+            raise InvalidArgument("Non-zlib compression type is only supported with compatibility level 1.1 "
+                                  "and above (use compat=1.1 or greater)")
+        ext_l2 = bool(opts.pop("extended_l2", False))
+        if ext_l2:
+            if version < 3:
+                raise InvalidArgument("Extended L2 entries are only supported with compatibility level 1.1 "
+                                      "and above (use compat=1.1 or greater)")
+            if cs < 16384:
+                raise InvalidArgument("Extended L2 entries are only supported with cluster sizes of at least "
+                                      "16384 bytes")
+        prealloc = str(opts.pop("preallocation", "off"))
+        if prealloc not in ("off", "metadata"):
+            raise NotSupported(f"Unsupported preallocation mode '{prealloc}' (parablock supports off, metadata)")
+        backing = opts.pop("backing_file", None)
+        backing_fmt = opts.pop("backing_fmt", None)
+        opts.pop("cache", None)
+        if opts:
+            raise InvalidArgument(f"Invalid parameter '{next(iter(opts))}'")
+        if size is None:
+            raise InvalidArgument("Image creation needs a size parameter")
+        size = round_up(size, 512)
+        if size > (1 << 62):
+            raise InvalidArgument("Image size is too big")
+        cbits = cs.bit_length() - 1
+        h = L.Qcow2Header(version=version, cluster_bits=cbits, size=0,
+                          refcount_order=rbits.bit_length() - 1,
+                          header_length=112 if version >= 3 else 72)
+        if ctype == "zstd":
+            h.compression_type = 1
+            h.incompatible_features |= int(L.Incompat.COMPRESSION)
+        if ext_l2:
+            h.incompatible_features |= int(L.Incompat.EXTL2)
+        if lazy:
+            h.compatible_features |= int(L.Compat.LAZY_REFCOUNTS)
+        h.backing_file = backing or None
+        h.backing_format = backing_fmt if backing else None
+        h.refcount_table_offset = cs
+        h.refcount_table_clusters = 1
+        header = L.serialize_header(h)
+        order = h.refcount_order
+        rt = bytearray(cs)
+        struct.pack_into(">Q", rt, 0, 2 * cs)
+        rb = bytearray(cs)
+        for ci in range(3):
+            L.set_refcount(rb, ci, 1, order)
+        f = FileDriver(filename, executor, read_only=False, create=True)
+        try:
+            f.write(0, header)
+            f.write(cs, bytes(rt))
+            f.write(2 * cs, bytes(rb))
+            f.truncate(3 * cs)
+            f.flush()
+        finally:
+            f.close()
+        node = cls(filename, executor, read_only=False)
+        node.file = FileDriver(filename, executor, read_only=False)
+        try:
+            node.open({})
+            node._resize_l1(node._l1_needed(size))
+            node.h.size = size
+            node._write_header()
+            node.flush()
+            if prealloc == "metadata":
+                node._preallocate(0, size)
+        finally:
+            node.close()
+
+    def allocated_size(self) -> int:
+        return self.file.allocated_size() if self.file is not None else 0

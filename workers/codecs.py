@@ -1,0 +1,52 @@
+"""qcow2's compression codecs: raw deflate (window bits -12, as QEMU writes) and zstd.
+
+Layer: workers.  Pure functions over bytes.
+"""
+from __future__ import annotations
+
+import zlib
+
+import zstandard
+
+
+def compress(codec: str, data: bytes, limit: int) -> bytes | None:
+    """Compress ``data``; return None when the result would not be shorter than ``limit`` bytes."""
+    if codec == "zlib":
+        c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
+        out = c.compress(data) + c.flush()
+    elif codec == "zstd":
+        out = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(data)
+    else:
+        raise ValueError(f"unknown compression codec '{codec}'")
+    if len(out) >= limit:
+        return None
+    return out
+
+
+def decompress(codec: str, data: bytes, out_len: int) -> bytes:
+    """Produce exactly ``out_len`` bytes from ``data``; stop there and ignore the rest.
+
+    Raises ValueError when the stream is corrupt or ends early.
+    """
+    if codec == "zlib":
+        d = zlib.decompressobj(-15)
+        try:
+            out = d.decompress(data, out_len)
+        except zlib.error as exc:
+            raise ValueError(f"corrupt deflate stream: {exc}") from None
+    elif codec == "zstd":
+        out = b""
+        buf = data
+        try:
+            while len(out) < out_len and buf[:4] == b"\x28\xb5\x2f\xfd":
+                d = zstandard.ZstdDecompressor().decompressobj()
+                out += d.decompress(buf)
+                buf = d.unused_data
+        except zstandard.ZstdError as exc:
+            raise ValueError(f"corrupt zstd stream: {exc}") from None
+        out = out[:out_len]
+    else:
+        raise ValueError(f"unknown compression codec '{codec}'")
+    if len(out) != out_len:
+        raise ValueError("compressed cluster decompressed to fewer bytes than a cluster")
+    return out
