@@ -1310,7 +1310,7 @@ class Qcow2Driver(BlockDriver):
                     if host:
                         self.file.write_zeroes(host, cs, False)
                         self._set_entry(table, i, entry & ~L.OFLAG_ZERO)
-                    elif self.backing is None:
+                    elif not self.h.backing_file:
                         self._set_entry(table, i, 0)
                     else:
                         new = self._alloc_clusters(1)

@@ -1,0 +1,118 @@
+"""``parablock check`` — qemu-img check: find (and with -r, repair) qcow2 metadata problems.
+
+Exit codes are qemu-img's: 0 clean, 1 check failed, 2 corruptions, 3 leaks only, 63 no check support.
+The checker reads the image file directly (not through the qcow2 driver) so that dirty, corrupt and
+hostile images are judged as they are on disk.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from engine.cli.common import CliExit, die, json_dumps, make_executor
+from engine.cli.main import cli
+from engine.errors import BlockError
+from engine.formats.file import FileDriver
+from engine.image import probe_file
+
+
+def human_report(r, quiet: bool) -> str:
+    lines: list[str] = []
+    if not (r.corruptions or r.leaks or r.check_errors):
+        lines.append("No errors were found on the image.")
+    else:
+        if r.corruptions:
+            lines += ["", f"{r.corruptions} errors were found on the image.",
+                      "Data may be corrupted, or further writes to the image may corrupt it."]
+        if r.leaks:
+            lines += ["", f"{r.leaks} leaked clusters were found on the image.",
+                      "This means waste of disk space, but no harm to data."]
+        if r.check_errors:
+            lines += ["", f"{r.check_errors} internal errors have occurred during the check."]
+    if r.total_clusters and r.allocated_clusters:
+        lines.append(f"{r.allocated_clusters}/{r.total_clusters} = "
+                     f"{r.allocated_clusters * 100.0 / r.total_clusters:.2f}% allocated, "
+                     f"{r.fragmented_clusters * 100.0 / r.allocated_clusters:.2f}% fragmented, "
+                     f"{r.compressed_clusters * 100.0 / r.allocated_clusters:.2f}% compressed clusters")
+    if r.image_end_offset:
+        lines.append(f"Image end offset: {r.image_end_offset}")
+    return "\n".join(lines)
+
+
+def json_report(r, filename: str, fmt: str) -> dict:
+    out: dict = {"image-end-offset": r.image_end_offset}
+    if r.compressed_clusters:
+        out["compressed-clusters"] = r.compressed_clusters
+    if r.total_clusters:
+        out["total-clusters"] = r.total_clusters
+    out["check-errors"] = r.check_errors
+    for key, val in (("leaks", r.leaks), ("corruptions", r.corruptions), ("leaks-fixed", r.leaks_fixed),
+                     ("corruptions-fixed", r.corruptions_fixed), ("allocated-clusters", r.allocated_clusters)):
+        if val:
+            out[key] = val
+    out["filename"] = filename
+    out["format"] = fmt
+    if r.fragmented_clusters:
+        out["fragmented-clusters"] = r.fragmented_clusters
+    if not r.image_end_offset:
+        del out["image-end-offset"]
+    return out
+
+
+@cli.command("check")
+@click.option("-f", "fmt", default=None)
+@click.option("--output", "output", default="human")
+@click.option("-r", "repair", default=None)
+@click.option("-T", "cache", default=None)
+@click.option("-U", "--force-share", "force_share", is_flag=True)
+@click.option("-q", "quiet", is_flag=True)
+@click.option("--image-opts", "image_opts", is_flag=True, hidden=True)
+@click.argument("filename")
+def check_cmd(fmt, output, repair, cache, force_share, quiet, filename, image_opts):
+    """Check an image for consistency (qemu-img check)."""
+    from engine.formats.qcow2_check import FIX_ERRORS, FIX_LEAKS, check_qcow2
+
+    if output not in ("human", "json"):
+        die("--output must be used with human or json as argument.")
+    fix = 0
+    if repair is not None:
+        if repair == "leaks":
+            fix = FIX_LEAKS
+        elif repair == "all":
+            fix = FIX_LEAKS | FIX_ERRORS
+        else:
+            die(f"Unknown option for -r: '{repair}'. Valid options are 'leaks' and 'all'.")
+    ex = make_executor()
+    try:
+        if fmt is None:
+            fmt = probe_file(filename, ex)
+        f = FileDriver(filename, ex, read_only=not fix)
+    except BlockError as exc:
+        die(f"Could not open '{filename}': {exc.message}")
+    try:
+        if fmt != "qcow2":
+            die("This image format does not support checks", 63)
+        try:
+            r = check_qcow2(f.read, f.size(), fix, write=f.write if fix else None,
+                            truncate=f.truncate if fix else None, flush=f.flush if fix else None)
+        except BlockError as exc:
+            die(f"Could not open '{filename}': {exc.message}")
+    finally:
+        f.close()
+    for msg in r.messages:
+        print(msg, file=sys.stderr)
+    if (r.corruptions_fixed or r.leaks_fixed) and output == "human" and not quiet:
+        click.echo("The following inconsistencies were found and repaired:\n\n"
+                   f"    {r.leaks_fixed} leaked clusters\n    {r.corruptions_fixed} corruptions\n\n"
+                   "Double checking the fixed image now...")
+    if output == "json":
+        click.echo(json_dumps(json_report(r, filename, fmt)))
+    elif not quiet:
+        click.echo(human_report(r, quiet))
+    if r.check_errors:
+        die("Check failed: Input/output error" if fix else "Check failed")
+    if r.corruptions:
+        raise CliExit(2)
+    if r.leaks:
+        raise CliExit(3)

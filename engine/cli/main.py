@@ -1,0 +1,59 @@
+"""Entry point of the ``parablock`` command (also ``python -m engine``).
+
+Each qemu-img command lives in its own module and registers itself on the click group ``cli``.  Errors
+never escape as tracebacks: click usage errors, BlockError and OSError each become one
+``parablock: ...`` line on stderr and qemu-img's exit code (1 unless the command defines its own).
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from engine.cli.common import PROG, CliExit
+from engine.errors import BlockError, os_error_text
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option("0.1.0", "-V", "--version", prog_name="parablock")
+def cli() -> None:
+    """parablock: qemu-img's commands on a multiprocess block engine."""
+
+
+def _register() -> None:
+    """Import every ``engine/cli/cmd_*.py``; each registers its command on ``cli``."""
+    import importlib
+    import pkgutil
+
+    import engine.cli as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name.startswith("cmd_"):
+            importlib.import_module(f"engine.cli.{mod.name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register()
+    try:
+        cli.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except CliExit as exc:
+        return exc.code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.Abort:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 1
+    except click.ClickException as exc:
+        print(f"{PROG}: {exc.format_message()}", file=sys.stderr)
+        return 1
+    except BlockError as exc:
+        print(f"{PROG}: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        name = f"'{exc.filename}': " if exc.filename else ""
+        print(f"{PROG}: {name}{os_error_text(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 0
