@@ -6,6 +6,7 @@ never escape as tracebacks: click usage errors, BlockError and OSError each beco
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -56,4 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug of ours: still one line, never a traceback (PARABLOCK_DEBUG=1 shows it)
+        if os.environ.get("PARABLOCK_DEBUG"):
+            raise
+        print(f"{PROG}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -261,7 +261,7 @@ def serialize_header(h: Qcow2Header) -> bytes:
             exts += _ext(EXT_DATA_FILE, h.data_file.encode())
         if h.backing_format:
             exts += _ext(EXT_BACKING_FORMAT, h.backing_format.encode())
-        if h.version >= 3 and with_table:
+        if h.version >= 3 and with_table and cs >= 8192:  # qemu-img 7.2 omits it for clusters <= 4 KiB
             exts += _ext(EXT_FEATURE_TABLE, feature_table())
         if h.bitmaps_ext is not None:
             exts += _ext(EXT_BITMAPS, h.bitmaps_ext)

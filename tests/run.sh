@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install everything the tests need (Debian's qemu-utils for the interop oracles, the Python test
+# dependencies) and run the whole suite in parallel.  This is the README's test command; .ci/run calls it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUDO=""
+if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq qemu-utils >/dev/null
+fi
+python3 -m pip install -q -e '.[test]'
+exec python3 -m pytest -n auto -q "$@"
