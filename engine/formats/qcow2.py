@@ -104,6 +104,7 @@ class Qcow2Driver(BlockDriver):
                 changed = True
             if changed:
                 self._write_header()
+        self._open_done = True
 
     def _setup_geometry(self) -> None:
         h = self.h
@@ -154,7 +155,7 @@ class Qcow2Driver(BlockDriver):
         self._load_refcount_table()
 
     def close(self) -> None:
-        if getattr(self, "h", None) is not None and not self.read_only and self.file is not None:
+        if getattr(self, "_open_done", False) and not self.read_only and self.file is not None:
             try:
                 self.flush()
                 if self.h.incompatible_features & L.Incompat.DIRTY:
@@ -164,7 +165,7 @@ class Qcow2Driver(BlockDriver):
                     self._write_header()
                     self._sync()
             finally:
-                self.h = None  # type: ignore[assignment]
+                self._open_done = False
         super().close()
 
     # ------------------------------------------------------------------------------------------------
