@@ -31,8 +31,7 @@ from engine.formats import qcow2_layout as L
 from engine.formats.qcow2_layout import SubclusterType as T
 from engine.units import round_up
 
-_L2_CACHE_LIMIT = 4096  # tables
-_RB_CACHE_LIMIT = 4096
+_CACHE_BYTES = 32 << 20  # per cache (L2 tables, refcount blocks); bounded in bytes, whatever the cluster size
 
 
 def _div_up(a: int, b: int) -> int:
@@ -118,6 +117,7 @@ class Qcow2Driver(BlockDriver):
         self.rmax = (1 << (1 << self.rorder)) - 1
         self.epb = L.refcounts_per_block(self.cbits, self.rorder)
         self.codec = h.compression
+        self.cache_limit = max(16, _CACHE_BYTES // self.cs)
 
     def _load_refcount_table(self) -> None:
         h = self.h
@@ -237,8 +237,6 @@ class Qcow2Driver(BlockDriver):
                 raise CorruptImage(f"L2 table offset {l2_off:#x} unaligned")
             t = bytearray(self.file.read(l2_off, self.cs))
             self.l2_cache[l2_off] = t
-            if len(self.l2_cache) > _L2_CACHE_LIMIT:
-                self._evict()
         else:
             self.l2_cache.move_to_end(l2_off)
         return t
@@ -340,6 +338,7 @@ class Qcow2Driver(BlockDriver):
                     m = min(n, bsize - pos)
                     out[rel:rel + m] = self.backing.read(pos, m)
         flush_run()
+        self._maybe_evict()
         return bytes(out)
 
     def _read_compressed(self, vc: int, entry: int) -> bytes:
@@ -415,8 +414,6 @@ class Qcow2Driver(BlockDriver):
         if b is None:
             b = bytearray(self.file.read(off, self.cs))
             self.rb_cache[off] = b
-            if len(self.rb_cache) > _RB_CACHE_LIMIT:
-                self._evict()
         return b
 
     def _get_rc(self, ci: int) -> int:
@@ -639,11 +636,12 @@ class Qcow2Driver(BlockDriver):
 
     def _evict(self) -> None:
         self._flush_metadata()
-        while len(self.l2_cache) > _L2_CACHE_LIMIT // 2:
-            self.l2_cache.popitem(last=False)
-        if len(self.rb_cache) > _RB_CACHE_LIMIT // 2 and not self.rb_dirty:
-            while len(self.rb_cache) > _RB_CACHE_LIMIT // 2:
-                self.rb_cache.popitem(last=False)
+        for cache, dirty in ((self.l2_cache, self.l2_dirty), (self.rb_cache, self.rb_dirty)):
+            for off in list(cache):
+                if len(cache) <= self.cache_limit // 2:
+                    break
+                if off not in dirty:
+                    del cache[off]
 
     def flush(self) -> None:
         if self.read_only or self.file is None:
@@ -698,7 +696,8 @@ class Qcow2Driver(BlockDriver):
         self._maybe_evict()
 
     def _maybe_evict(self) -> None:
-        if len(self.l2_dirty) > _L2_CACHE_LIMIT // 2 or len(self.rb_dirty) > _RB_CACHE_LIMIT // 2:
+        """Write back and shrink the caches; only between operations, never while a table is in use."""
+        if len(self.l2_cache) > self.cache_limit or len(self.rb_cache) > self.cache_limit:
             self._evict()
 
     def _guest_view(self, vc: int) -> bytearray:
