@@ -45,6 +45,36 @@ def block_status(node: BlockDriver, offset: int, length: int) -> Extent:
     return Extent(status, pnum, host, file)
 
 
+def chain_block_status(node: BlockDriver, offset: int, length: int) -> tuple[Extent, int]:
+    """qemu-img map's get_block_status: walk down the chain until a layer answers DATA or ZERO.
+
+    Returns the extent (its flags with ALLOCATED only if some layer holds the range) and the depth of
+    the layer that answered."""
+    depth = 0
+    cur = node
+    while True:
+        ext = block_status(cur, offset, length)
+        length = ext.length
+        if ext.status & (Status.ZERO | Status.DATA):
+            return ext, depth
+        if cur.backing is None:
+            return Extent(Status(0), length, 0, None), depth
+        cur = cur.backing
+        depth += 1
+
+
+def is_zero_above(node: BlockDriver, offset: int, length: int) -> bool:
+    """Whether the whole range reads as zeros according to block status alone (QEMU's qcow2 is_zero)."""
+    length = min(length, max(0, node.size() - offset))
+    while length > 0:
+        ext, _ = chain_block_status(node, offset, length)
+        if not ext.status & Status.ZERO or ext.length <= 0:
+            return False
+        offset += ext.length
+        length -= ext.length
+    return True
+
+
 def chain(node: BlockDriver) -> list[BlockDriver]:
     """The node and its backing images, top first."""
     out = []

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import click
 
-from engine.block import block_status
+from engine.block import chain_block_status
 from engine.cli.common import die, opened
 from engine.cli.main import cli
 from engine.driver import BlockDriver, Status
@@ -29,23 +29,11 @@ class MapEntry:
 
 
 def get_block_status(node: BlockDriver, offset: int, length: int) -> MapEntry:
-    """qemu-img's get_block_status: walk down the chain until a layer answers DATA or ZERO."""
-    depth = 0
-    cur: BlockDriver | None = node
-    while True:
-        assert cur is not None
-        ext = block_status(cur, offset, length)
-        length = ext.length
-        st = ext.status
-        if st & (Status.ZERO | Status.DATA):
-            break
-        if cur.backing is None:
-            st = Status(0)
-            break
-        cur = cur.backing
-        depth += 1
+    """One map entry for the run at ``offset`` (qemu-img's get_block_status)."""
+    ext, depth = chain_block_status(node, offset, length)
+    st = ext.status
     has_offset = bool(st & Status.OFFSET_VALID)
-    return MapEntry(offset, length, depth, bool(st & Status.ALLOCATED), bool(st & Status.ZERO),
+    return MapEntry(offset, ext.length, depth, bool(st & Status.ALLOCATED), bool(st & Status.ZERO),
                     bool(st & Status.DATA), ext.offset if has_offset else None,
                     ext.node.filename if has_offset and ext.node is not None else None)
 
@@ -75,8 +63,10 @@ def map_entries(node: BlockDriver, start: int = 0, max_length: int | None = None
         if cur is not None:
             yield cur
         cur = nxt
-    if cur is not None:
-        yield cur
+    if cur is None:
+        # qemu-img dumps its (empty) current entry even when there is nothing to map
+        cur = MapEntry(start, 0, 0, False, False, False, None, None)
+    yield cur
 
 
 def json_entry(e: MapEntry) -> str:

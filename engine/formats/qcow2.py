@@ -139,13 +139,16 @@ class Qcow2Driver(BlockDriver):
             raise ImageOpenError(f"Could not read snapshots: {exc.message}") from None
 
     def _repair_dirty(self) -> None:
-        """A dirty image (lazy refcounts and a crash) opened read-write: rebuild refcounts, as QEMU does."""
+        """A dirty image (lazy refcounts and a crash) opened read-write: rebuild refcounts, as QEMU does.
+
+        The checker's findings are kept in ``repair_messages`` (qemu-io prints them)."""
         from engine.formats.qcow2_check import FIX_ERRORS, FIX_LEAKS, check_qcow2
 
         assert self.file is not None
         f = self.file
         res = check_qcow2(f.read, f.size(), FIX_LEAKS | FIX_ERRORS, write=f.write, truncate=f.truncate,
                           flush=f.flush)
+        self.repair_messages = list(res.messages)
         if res.corruptions or res.check_errors:
             raise ImageOpenError("qcow2: Could not repair dirty image")
         head = f.read(0, self.cs)
@@ -194,21 +197,24 @@ class Qcow2Driver(BlockDriver):
                                 "compression-type": h.compression}
         if h.version >= 3:
             data["lazy-refcounts"] = bool(h.compatible_features & L.Compat.LAZY_REFCOUNTS)
+            # qemu-img 7.2 prints the keys in QDict hash order: bitmaps come right after lazy-refcounts
+            bitmaps = self._bitmap_list()
+            if bitmaps is not None:
+                data["bitmaps"] = bitmaps
         data["refcount-bits"] = h.refcount_bits
         if h.version >= 3:
             data["corrupt"] = bool(h.incompatible_features & L.Incompat.CORRUPT)
             data["extended-l2"] = self.ext_l2
-        bitmaps = self._bitmap_list()
-        if bitmaps is not None:
-            data["bitmaps"] = bitmaps
         return {"type": "qcow2", "data": data}
 
     def _bitmap_list(self) -> list[dict[str, Any]] | None:
         ext = self.h.bitmaps_ext
         if ext is None or len(ext) < 24:
             return None
+        if not self.h.autoclear_features & L.Autoclear.BITMAPS:
+            return None  # a program lacking bitmap support modified the file: QEMU ignores the bitmaps
         nb, _res, dsize, doff = struct.unpack_from(">IIQQ", ext, 0)
-        if dsize > 64 << 20:
+        if not nb or dsize > 64 << 20:
             return None
         buf = self.file.read(doff, dsize)
         out = []
@@ -363,6 +369,9 @@ class Qcow2Driver(BlockDriver):
         # limit the walk to the L2 table holding ``offset`` (as QEMU's slice)
         l2_span = self.l2_entries * self.cs
         limit = min(length, l2_span - offset % l2_span)
+        l1i = offset // l2_span
+        if l1i >= len(self.l1) or not self.l1[l1i] & L.L1E_OFFSET_MASK:
+            return Extent(Status(0), limit, 0, self.file)  # no L2 table: the whole span is unallocated
         for pos, n, t, host in self._segments(offset, limit):
             if first is None:
                 first = (t, host)
@@ -829,38 +838,57 @@ class Qcow2Driver(BlockDriver):
     # zero writes and discard
     # ------------------------------------------------------------------------------------------------
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        """QEMU's write-zeroes: split at subcluster alignment; each piece is zeroed through metadata when
+        the format can (qcow2_co_pwrite_zeroes), else written as a zero buffer."""
         self._check_write(offset, length)
-        cs = self.cs
-        gran = self.sc_size
+        gran, size = self.sc_size, self.h.size
         end = offset + length
+        pieces = []
         pos = offset
-        while pos < end:
-            vc = pos >> self.cbits
-            in_off = pos & (cs - 1)
-            n = min(cs - in_off, end - pos)
-            whole = in_off == 0 and (n == cs or pos + n == self.h.size)
-            if whole and self._zero_cluster(vc, unmap):
-                pos += n
-                continue
-            if self.ext_l2 and in_off % gran == 0 and (n % gran == 0 or pos + n == self.h.size):
-                if self._zero_subclusters(vc, in_off, n):
-                    pos += n
-                    continue
-            if not whole and self._reads_zero(vc):
-                pos += n
-                continue
-            self._write_cluster(vc, in_off, memoryview(bytes(n)))
-            pos += n
+        head_end = min(end, round_up(offset, gran))
+        if offset % gran and head_end > offset:
+            pieces.append((offset, head_end))
+            pos = head_end
+        tail_start = end if end == size else max(pos, end // gran * gran)
+        if pos < tail_start:
+            pieces.append((pos, tail_start))
+        if tail_start < end:
+            pieces.append((tail_start, end))
+        for a, b in pieces:
+            if not self._zeroize(a, b, unmap):
+                chunk = 1 << 20
+                for c in range(a, b, chunk):
+                    self.write(c, bytes(min(chunk, b - c)))
         self._maybe_evict()
 
-    def _reads_zero(self, vc: int) -> bool:
-        entry, bitmap = self._lookup(vc)
-        if self.ext_l2:
+    def _zeroize(self, a: int, b: int, unmap: bool) -> bool:
+        """Zero [a, b) by metadata; False when the caller must write zeros instead."""
+        from engine.block import is_zero_above
+
+        gran, size, cs = self.sc_size, self.h.size, self.cs
+        head = a % gran
+        tail = 0 if b == size else round_up(b, gran) - b
+        if head or tail:
+            if not (is_zero_above(self, a - head, head) and is_zero_above(self, b, tail)):
+                return False
+            a -= head
+            b = min(a + gran, size)
+            _, _, t, _ = next(self._segments(a, 1))
+            if t not in (T.UNALLOCATED_PLAIN, T.UNALLOCATED_ALLOC, T.ZERO_PLAIN, T.ZERO_ALLOC):
+                return False
+        if self.h.version < 3 and self.backing is not None:
             return False
-        t = L.cluster_type(entry, self.h.version)
-        if t in (T.ZERO_PLAIN, T.ZERO_ALLOC):
-            return True
-        return t == T.UNALLOCATED_PLAIN and self.backing is None
+        pos = a
+        while pos < b:
+            vc = pos >> self.cbits
+            in_off = pos & (cs - 1)
+            n = min(cs - in_off, b - pos)
+            if in_off == 0 and (n == cs or pos + n == size):
+                self._zero_cluster(vc, unmap)
+            elif not self._zero_subclusters(vc, in_off, n):
+                self._write_cluster(vc, in_off, memoryview(bytes(n)))
+            pos += n
+        return True
 
     def _zero_cluster(self, vc: int, unmap: bool) -> bool:
         """Make a whole cluster read as zeros by metadata alone; False when the format cannot."""
@@ -1140,6 +1168,9 @@ class Qcow2Driver(BlockDriver):
             raise BlockError(f"Could not create snapshot '{name}': -22 (Invalid argument)", errno=errno.EINVAL)
         now_ns = time.time_ns() if now_ns is None else now_ns
         self.flush()
+        if not self._snapshot_refcounts_fit(self.l1):
+            # QEMU fails the same way (refcount overflow); we fail before touching the image
+            raise BlockError(f"Could not create snapshot '{name}': -22 (Invalid argument)", errno=errno.EINVAL)
         ids = [int(s.id_str) for s in self.snapshots if s.id_str.isdigit()]
         new_id = str(max(ids) + 1 if ids else 1)
         l1_clusters = _div_up(len(self.l1) * 8, self.cs) if self.l1 else 0
@@ -1155,6 +1186,27 @@ class Qcow2Driver(BlockDriver):
                         vm_state_size=0, disk_size=self.h.size, icount=0)
         self._write_snapshot_table(self.snapshots + [sn])
 
+    def _snapshot_refcounts_fit(self, l1: list[int]) -> bool:
+        """Whether one more reference through ``l1`` keeps every refcount within refcount_bits."""
+        cs = self.cs
+        adds: dict[int, int] = {}
+        for l1e in l1:
+            l2off = l1e & L.L1E_OFFSET_MASK
+            if not l2off:
+                continue
+            adds[l2off // cs] = adds.get(l2off // cs, 0) + 1
+            table = self._l2_table(l2off)
+            for i in range(self.l2_entries):
+                entry, _bitmap = self._entry(table, i)
+                if entry & L.OFLAG_COMPRESSED:
+                    start, end = L.compressed_host_range(entry, self.cbits)
+                    for ci in range(start // cs, (end - 1) // cs + 1):
+                        adds[ci] = adds.get(ci, 0) + 1
+                elif entry & L.L2E_OFFSET_MASK:
+                    ci = (entry & L.L2E_OFFSET_MASK) // cs
+                    adds[ci] = adds.get(ci, 0) + 1
+        return all(self._get_rc(ci) + n <= self.rmax for ci, n in adds.items())
+
     def _read_snapshot_l1(self, sn: L.Snapshot) -> list[int]:
         if sn.l1_size > (32 << 20) // 8:
             raise CorruptImage("Snapshot L1 table too large")
@@ -1167,6 +1219,9 @@ class Qcow2Driver(BlockDriver):
             raise BlockError("Failed to load snapshot: No such file or directory", errno=errno.ENOENT)
         self.flush()
         sn_l1 = self._read_snapshot_l1(sn)
+        if not self._snapshot_refcounts_fit(sn_l1):
+            # QEMU takes the snapshot's references first and fails on the overflow; fail before any change
+            raise BlockError("Failed to load snapshot: Invalid argument", errno=errno.EINVAL)
         if sn.disk_size is not None and sn.disk_size != self.h.size:
             self.h.size = sn.disk_size
         needed = max(len(sn_l1), self._l1_needed(self.h.size))
@@ -1210,12 +1265,16 @@ class Qcow2Driver(BlockDriver):
         return self._read_snapshot_l1(sn), (sn.disk_size if sn.disk_size is not None else self.h.size)
 
     def load_snapshot_readonly(self, name: str) -> None:
-        """Expose snapshot ``name`` as this (read-only) node's content, as ``convert -l`` does."""
+        """Expose snapshot ``name`` as this (read-only) node's content, as ``convert -l`` does.
+
+        Like QEMU's qcow2_snapshot_load_tmp only the L1 table is switched: the virtual size stays the
+        image's current size (guest clusters past the snapshot's L1 read as unallocated)."""
         if not self.read_only:
             raise InvalidArgument("snapshots can be loaded only read-only")
-        l1, size = self.snapshot_l1(name)
+        l1, _size = self.snapshot_l1(name)
         self.l1 = l1
-        self.h.size = size
+        self.l2_cache.clear()
+        self._zcache = None
 
     # ------------------------------------------------------------------------------------------------
     # header edits: backing file, amend
@@ -1302,20 +1361,31 @@ class Qcow2Driver(BlockDriver):
                 seen.add(l2off)
                 table = self._l2_table(l2off)
                 changed = False
+                # an L2 table shared with snapshots is reached once per L1 path: so is every new cluster
+                l2_rc = max(1, self._get_rc(l2off // cs))
                 for i in range(self.l2_entries):
                     entry, _ = self._entry(table, i)
                     if not entry & L.OFLAG_ZERO or entry & L.OFLAG_COMPRESSED:
                         continue
                     host = entry & L.L2E_OFFSET_MASK
-                    if host:
+                    if host and self._get_rc(host // cs) <= l2_rc:
+                        # preallocated and reached only through this table: zero it in place
                         self.file.write_zeroes(host, cs, False)
                         self._set_entry(table, i, entry & ~L.OFLAG_ZERO)
-                    elif not self.h.backing_file:
+                        changed = True
+                        continue
+                    if host:
+                        # shared with another table that may read its data: drop our references
+                        for _ in range(l2_rc):
+                            self._free_range(host, cs)
+                    if not self.h.backing_file:
                         self._set_entry(table, i, 0)
                     else:
                         new = self._alloc_clusters(1)
+                        if l2_rc > 1:
+                            self._change_rc(new // cs, l2_rc - 1)
                         self.file.write_zeroes(new, cs, False)
-                        self._set_entry(table, i, new | L.OFLAG_COPIED if l1 is self.l1 else new)
+                        self._set_entry(table, i, new | L.OFLAG_COPIED if l1 is self.l1 and l2_rc == 1 else new)
                     changed = True
                 if changed:
                     self.l2_dirty.add(l2off)
