@@ -102,6 +102,8 @@ def check_cmd(fmt, output, repair, cache, force_share, quiet, filename, image_op
         f.close()
     for msg in r.messages:
         print(msg, file=sys.stderr)
+    if r.error:
+        die(f"Check failed: {r.error}")
     if (r.corruptions_fixed or r.leaks_fixed) and output == "human" and not quiet:
         click.echo("The following inconsistencies were found and repaired:\n\n"
                    f"    {r.leaks_fixed} leaked clusters\n    {r.corruptions_fixed} corruptions\n\n"
@@ -111,7 +113,7 @@ def check_cmd(fmt, output, repair, cache, force_share, quiet, filename, image_op
     elif not quiet:
         click.echo(human_report(r, quiet))
     if r.check_errors:
-        die("Check failed: Input/output error" if fix else "Check failed")
+        die("Check failed")
     if r.corruptions:
         raise CliExit(2)
     if r.leaks:
