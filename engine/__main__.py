@@ -1,4 +1,5 @@
 """``python -m engine``: the same entry point as the ``parablock`` console script."""
 from engine.cli.main import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # spawned worker processes import this module as __mp_main__
+    raise SystemExit(main())

@@ -1,0 +1,434 @@
+"""The worker pool: N spawned worker processes, one shared-memory slot segment, msgpack requests.
+
+Layer: workers (imports ``ipc``).  ``WorkerPool`` starts, supervises and stops the processes;
+``PoolExecutor`` implements ``ipc.executor.Executor`` on top of it so format code runs unchanged.
+
+Concurrency model: callers submit from any thread and get a ``concurrent.futures.Future``; one reader
+thread waits on every worker pipe and process sentinel, resolves futures, and notices dead workers.  A
+dead worker fails its in-flight requests with ``WorkerDied`` and is replaced (the replacement re-opens
+every file the pool has open).  Each worker has at most ``max_inflight`` requests outstanding.
+
+Ownership: the pool owns its processes, pipes and the slot segment; ``close()`` (or the context manager)
+leaves no child, fd or segment behind.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from ipc import wire
+from ipc.executor import FileStat, HostExtent
+from ipc.shm import SlotPool
+from ipc.wire import IpcError, WorkerDied
+
+DEFAULT_SLOT_SIZE = 2 << 20
+_live_pools = 0
+_live_lock = threading.Lock()
+
+
+def _pool_started() -> None:
+    global _live_pools
+    with _live_lock:
+        _live_pools += 1
+
+
+def _pool_stopped() -> None:
+    """The last pool to stop also stops multiprocess's resource tracker, so no child outlives us."""
+    global _live_pools
+    with _live_lock:
+        _live_pools -= 1
+        if _live_pools:
+            return
+    try:
+        from multiprocess import resource_tracker
+
+        resource_tracker._resource_tracker._stop()
+    except Exception:  # best effort: older versions keep it until exit
+        pass
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@dataclass
+class _Worker:
+    index: int
+    proc: Any
+    conn: Any
+    pid: int = 0
+    inflight: dict[int, tuple[Future, str]] = field(default_factory=dict)
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    alive: bool = True
+
+
+class WorkerPool:
+    """A supervised pool of worker processes."""
+
+    def __init__(self, workers: int | None = None, nslots: int | None = None,
+                 slot_size: int = DEFAULT_SLOT_SIZE, max_inflight: int = 4, start_timeout: float = 60.0) -> None:
+        import multiprocess
+
+        self.nworkers = workers or default_workers()
+        self.max_inflight = max_inflight
+        self.slots = SlotPool(nslots or max(4, self.nworkers * max_inflight * 2), slot_size)
+        self.slot_size = slot_size
+        self._ctx = multiprocess.get_context("spawn")
+        self._cond = threading.Condition()
+        self._next_id = 1
+        self._files: dict[int, tuple[str, bool]] = {}
+        self._closing = False
+        self.replacements = 0
+        self.workers: list[_Worker] = []
+        self._start_timeout = start_timeout
+        _pool_started()
+        starting: list[_Worker] = []
+        try:
+            for i in range(self.nworkers):
+                starting.append(self._spawn(i))
+            for w in starting:
+                self._handshake(w)
+            self.workers = starting
+        except BaseException:
+            for w in starting:
+                self._reap(w, kill=True)
+            self.slots.close()
+            _pool_stopped()
+            raise
+        self._reader = threading.Thread(target=self._read_loop, name="parablock-pool-reader", daemon=True)
+        self._reader.start()
+
+    # --- processes -------------------------------------------------------------------------------
+    def _spawn(self, index: int) -> _Worker:
+        from workers.worker import worker_main
+
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=worker_main, name=f"parablock-worker-{index}",
+                                 args=(child, os.getpid(), self.slots.fd, self.slots.nslots, self.slot_size),
+                                 daemon=True)
+        proc.start()
+        child.close()
+        return _Worker(index, proc, parent)
+
+    def _handshake(self, w: _Worker) -> None:
+        if not w.conn.poll(self._start_timeout):
+            raise IpcError(f"worker {w.index} did not start within {self._start_timeout:.0f} s")
+        try:
+            hello = wire.decode(w.conn.recv_bytes())
+        except (EOFError, OSError):
+            raise IpcError(f"worker {w.index} exited during start-up (exit code {w.proc.exitcode})") from None
+        if not (isinstance(hello, list) and hello[:1] == ["hello"]):
+            raise IpcError(f"worker {w.index} sent a bad greeting")
+        if hello[1] != wire.PROTOCOL_VERSION:
+            raise IpcError(f"worker {w.index} speaks protocol {hello[1]}, expected {wire.PROTOCOL_VERSION}")
+        w.pid = int(hello[2])
+        for handle, (path, writable) in self._files.items():
+            self._send_sync(w, "open", [handle, path, writable])
+
+    def _send_sync(self, w: _Worker, op: str, args: list) -> Any:
+        """Used only before the reader thread owns ``w``: a blocking round trip."""
+        rid = self._new_id()
+        w.conn.send_bytes(wire.encode([rid, op, args]))
+        if not w.conn.poll(self._start_timeout):
+            raise IpcError(f"worker {w.index} did not answer '{op}'")
+        _rid, ok, payload = wire.decode(w.conn.recv_bytes())
+        if not ok:
+            raise wire.rebuild_error(payload)
+        return payload
+
+    def _reap(self, w: _Worker, kill: bool = False) -> None:
+        w.alive = False
+        if kill and w.proc.is_alive():
+            w.proc.kill()
+        w.proc.join(5)
+        if w.proc.is_alive():
+            w.proc.kill()
+            w.proc.join(5)
+        try:
+            w.conn.close()
+        except OSError:
+            pass
+        close = getattr(w.proc, "close", None)
+        if close is not None:
+            try:
+                close()
+            except ValueError:
+                pass
+
+    def _new_id(self) -> int:
+        with self._cond:
+            rid = self._next_id
+            self._next_id += 1
+            return rid
+
+    # --- the reader thread -------------------------------------------------------------------------
+    def _read_loop(self) -> None:
+        from multiprocessing.connection import wait
+
+        while True:
+            with self._cond:
+                if self._closing and not any(w.inflight for w in self.workers):
+                    return
+                live = [w for w in self.workers if w.alive]
+            waitables: dict[Any, tuple[str, _Worker]] = {}
+            for w in live:
+                waitables[w.conn] = ("conn", w)
+                waitables[w.proc.sentinel] = ("dead", w)
+            if not waitables:
+                time.sleep(0.05)
+                continue
+            for obj in wait(list(waitables), timeout=0.2):
+                kind, w = waitables[obj]
+                if not w.alive:
+                    continue
+                if kind == "conn":
+                    try:
+                        frame = w.conn.recv_bytes()
+                    except (EOFError, OSError):
+                        self._worker_died(w)
+                        continue
+                    rid, ok, payload = wire.decode(frame)
+                    with self._cond:
+                        fut, _op = w.inflight.pop(rid, (None, ""))
+                        self._cond.notify_all()
+                    if fut is not None:
+                        if ok:
+                            fut.set_result(payload)
+                        else:
+                            fut.set_exception(wire.rebuild_error(payload))
+                elif kind == "dead":
+                    self._worker_died(w)
+
+    def _worker_died(self, w: _Worker) -> None:
+        """Fail the dead worker's requests with a clear error and start a replacement."""
+        with self._cond:
+            if not w.alive:
+                return
+            w.alive = False
+            lost = list(w.inflight.values())
+            w.inflight.clear()
+        w.proc.join(1)
+        code = w.proc.exitcode
+        for fut, op in lost:
+            fut.set_exception(WorkerDied(f"worker {w.index} (pid {w.pid}) died (exit code {code}) while "
+                                         f"running '{op}'"))
+        self._reap(w)
+        with self._cond:
+            if self._closing:
+                self._cond.notify_all()
+                return
+        try:
+            new = self._spawn(w.index)
+            self._handshake(new)
+        except (IpcError, OSError):
+            with self._cond:
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self.workers[self.workers.index(w)] = new
+            self.replacements += 1
+            self._cond.notify_all()
+
+    # --- submitting ---------------------------------------------------------------------------------
+    def submit(self, op: str, args: list, timeout: float | None = 60.0) -> Future:
+        """Send ``op`` to the least-busy live worker, waiting while every worker is at max_inflight."""
+        fut: Future = Future()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._closing:
+                    raise IpcError("worker pool is shut down")
+                live = [w for w in self.workers if w.alive]
+                if live:
+                    w = min(live, key=lambda x: len(x.inflight))
+                    if len(w.inflight) < self.max_inflight:
+                        break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise IpcError("no worker became available in time (all busy or dead)")
+                self._cond.wait(remaining if remaining is not None else 0.5)
+            rid = self._next_id
+            self._next_id += 1
+            w.inflight[rid] = (fut, op)
+        try:
+            with w.send_lock:
+                w.conn.send_bytes(wire.encode([rid, op, args]))
+        except (OSError, ValueError):
+            with self._cond:
+                if w.inflight.pop(rid, None) is not None:
+                    fut.set_exception(WorkerDied(f"worker {w.index} (pid {w.pid}) is gone; '{op}' not sent"))
+        return fut
+
+    def call(self, op: str, *args: Any, timeout: float | None = 300.0) -> Any:
+        return self.submit(op, list(args)).result(timeout)
+
+    def broadcast(self, op: str, *args: Any) -> None:
+        """Run ``op`` on every live worker (open/close of files)."""
+        futs = []
+        with self._cond:
+            live = [w for w in self.workers if w.alive]
+        for w in live:
+            fut: Future = Future()
+            with self._cond:
+                rid = self._next_id
+                self._next_id += 1
+                w.inflight[rid] = (fut, op)
+            with w.send_lock:
+                w.conn.send_bytes(wire.encode([rid, op, list(args)]))
+            futs.append(fut)
+        for f in futs:
+            f.result(60)
+
+    def register_file(self, handle: int, path: str, writable: bool) -> None:
+        with self._cond:
+            self._files[handle] = (path, writable)
+        self.broadcast("open", handle, path, writable)
+
+    def unregister_file(self, handle: int) -> None:
+        with self._cond:
+            self._files.pop(handle, None)
+        self.broadcast("close", handle)
+
+    # --- shutdown -------------------------------------------------------------------------------------
+    def pids(self) -> list[int]:
+        return [w.pid for w in self.workers if w.alive]
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the coordinator and every worker (for benchmarks)."""
+        total = psutil.Process().memory_info().rss
+        for pid in self.pids():
+            try:
+                total += psutil.Process(pid).memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._cond.notify_all()
+        for w in self.workers:
+            if w.alive:
+                try:
+                    with w.send_lock:
+                        w.conn.send_bytes(wire.encode([0, "exit", []]))
+                except (OSError, ValueError):
+                    pass
+        deadline = time.monotonic() + 10
+        for w in self.workers:
+            w.proc.join(max(0.1, deadline - time.monotonic()))
+        for w in self.workers:
+            with self._cond:
+                lost = list(w.inflight.values())
+                w.inflight.clear()
+            for fut, op in lost:
+                if not fut.done():
+                    fut.set_exception(IpcError(f"worker pool shut down while running '{op}'"))
+            self._reap(w, kill=True)
+        self._reader.join(5)
+        self.slots.close()
+        _pool_stopped()
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PoolExecutor:
+    """``ipc.executor.Executor`` on a WorkerPool: format code runs unchanged, bytes move in the workers.
+
+    Small reads and writes travel inline in the messages; larger ones through a leased slot."""
+
+    INLINE = 64 << 10
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        self._next = 1
+        self._lock = threading.Lock()
+
+    def open(self, path: str, writable: bool, create: bool = False) -> int:
+        if create:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            os.close(fd)
+        else:
+            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+            os.close(fd)  # raise the open error here, in the caller, with the caller's path
+        with self._lock:
+            h = self._next
+            self._next += 1
+        self.pool.register_file(h, path, writable)
+        return h
+
+    def close(self, handle: int) -> None:
+        self.pool.unregister_file(handle)
+
+    def pread(self, handle: int, offset: int, length: int) -> bytes:
+        if length <= self.INLINE or length > self.pool.slot_size:
+            if length > self.pool.slot_size:
+                out = bytearray()
+                pos = 0
+                while pos < length:
+                    n = min(self.pool.slot_size, length - pos)
+                    out += self.pread(handle, offset + pos, n)
+                    pos += n
+                return bytes(out)
+            return self.pool.call("pread", handle, offset, length, None)
+        slot = self.pool.slots.lease()
+        try:
+            self.pool.call("pread", handle, offset, length, slot)
+            return bytes(self.pool.slots.slot(slot)[:length])
+        finally:
+            self.pool.slots.release(slot)
+
+    def pwrite(self, handle: int, offset: int, data: bytes) -> None:
+        length = len(data)
+        if length <= self.INLINE:
+            self.pool.call("pwrite", handle, offset, bytes(data), None, length)
+            return
+        pos = 0
+        view = memoryview(data)
+        while pos < length:
+            n = min(self.pool.slot_size, length - pos)
+            slot = self.pool.slots.lease()
+            try:
+                self.pool.slots.slot(slot)[:n] = view[pos:pos + n]
+                self.pool.call("pwrite", handle, offset + pos, None, slot, n)
+            finally:
+                self.pool.slots.release(slot)
+            pos += n
+
+    def write_zeroes(self, handle: int, offset: int, length: int, unmap: bool) -> None:
+        self.pool.call("write_zeroes", handle, offset, length, unmap)
+
+    def discard(self, handle: int, offset: int, length: int) -> None:
+        self.pool.call("discard", handle, offset, length)
+
+    def truncate(self, handle: int, size: int) -> None:
+        self.pool.call("truncate", handle, size)
+
+    def fsync(self, handle: int) -> None:
+        self.pool.call("fsync", handle)
+
+    def stat(self, handle: int) -> FileStat:
+        size, allocated = self.pool.call("stat", handle)
+        return FileStat(size, allocated)
+
+    def extent(self, handle: int, offset: int, length: int) -> HostExtent:
+        off, n, data = self.pool.call("extent", handle, offset, length)
+        return HostExtent(off, n, data)
+
+    def compress(self, codec: str, data: bytes, limit: int) -> bytes | None:
+        return self.pool.call("compress", codec, bytes(data), None, len(data), limit)
+
+    def decompress(self, codec: str, data: bytes, out_len: int) -> bytes:
+        return self.pool.call("decompress", codec, bytes(data), out_len)

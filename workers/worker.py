@@ -1,0 +1,146 @@
+"""A worker process: executes byte operations on its own file descriptors and the shared-memory slots.
+
+Layer: workers (imports ``ipc`` and ``workers``; never ``engine``).  The loop is: receive a msgpack
+request, run the op, send the reply.  File ops reuse the in-process executor's implementations on this
+process's own fds; data travels through slots, small results inline.  Errors go back as records
+(ipc.wire.error_record); the worker itself only dies when the pipe closes or it is told to exit.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+from ipc import wire
+from ipc.shm import SlotView
+from workers import codecs
+from workers.inproc import InProcessExecutor
+
+
+def find_nonzero_runs(buf: memoryview, length: int, gran: int) -> list[list[int]]:
+    """[[offset, length], ...] of the ``gran``-sized blocks of ``buf[:length]`` that are not all zero."""
+    runs: list[list[int]] = []
+    zero = bytes(gran)
+    pos = 0
+    while pos < length:
+        n = min(gran, length - pos)
+        if buf[pos:pos + n] != zero[:n]:
+            if runs and runs[-1][0] + runs[-1][1] == pos:
+                runs[-1][1] += n
+            else:
+                runs.append([pos, n])
+        pos += n
+    return runs
+
+
+class Worker:
+    def __init__(self, slots: SlotView) -> None:
+        self.slots = slots
+        self.ex = InProcessExecutor()
+        self.handles: dict[int, int] = {}  # coordinator handle -> local handle
+
+    def h(self, handle: int) -> int:
+        try:
+            return self.handles[handle]
+        except KeyError:
+            raise OSError(9, f"worker {os.getpid()} has no file for handle {handle}") from None
+
+    def run(self, op: str, a: list):
+        ex = self.ex
+        if op == "pread":
+            h, off, length, slot = a
+            if slot is None:
+                return ex.pread(self.h(h), off, length)
+            view = self.slots.slot(slot)
+            view[:length] = ex.pread(self.h(h), off, length)
+            return length
+        if op == "pwrite":
+            h, off, data, slot, length = a
+            if slot is not None:
+                data = self.slots.slot(slot)[:length]
+            ex.pwrite(self.h(h), off, data)
+            return None
+        if op == "copy":
+            src, src_off, dst, dst_off, length, slot, gran = a
+            view = self.slots.slot(slot)
+            view[:length] = ex.pread(self.h(src), src_off, length)
+            runs = find_nonzero_runs(view, length, gran) if gran else [[0, length]]
+            for r_off, r_len in runs:
+                ex.pwrite(self.h(dst), dst_off + r_off, view[r_off:r_off + r_len])
+            return runs
+        if op == "write_zeroes":
+            h, off, length, unmap = a
+            return ex.write_zeroes(self.h(h), off, length, unmap)
+        if op == "discard":
+            return ex.discard(self.h(a[0]), a[1], a[2])
+        if op == "truncate":
+            return ex.truncate(self.h(a[0]), a[1])
+        if op == "fsync":
+            return ex.fsync(self.h(a[0]))
+        if op == "stat":
+            st = ex.stat(self.h(a[0]))
+            return [st.size, st.allocated]
+        if op == "extent":
+            e = ex.extent(self.h(a[0]), a[1], a[2])
+            return [e.offset, e.length, e.data]
+        if op == "compress":
+            codec, data, slot, length, limit = a
+            if slot is not None:
+                data = bytes(self.slots.slot(slot)[:length])
+            return codecs.compress(codec, data, limit)
+        if op == "decompress":
+            codec, data, out_len = a
+            return codecs.decompress(codec, data, out_len)
+        if op == "zero_detect":
+            slot, length, gran = a
+            return find_nonzero_runs(self.slots.slot(slot), length, gran)
+        if op == "digest":
+            h, off, length = a
+            d = hashlib.sha256()
+            pos = off
+            while pos < off + length:
+                n = min(4 << 20, off + length - pos)
+                d.update(ex.pread(self.h(h), pos, n))
+                pos += n
+            return d.hexdigest()
+        if op == "open":
+            handle, path, writable = a
+            self.handles[handle] = ex.open(path, writable)
+            return None
+        if op == "close":
+            local = self.handles.pop(a[0], None)
+            if local is not None:
+                ex.close(local)
+            return None
+        if op == "sleep":
+            time.sleep(a[0])
+            return None
+        if op == "pid":
+            return os.getpid()
+        raise ValueError(f"unknown worker op '{op}'")
+
+
+def worker_main(conn, owner_pid: int, fd: int, nslots: int, slot_size: int) -> None:
+    """Entry point of a spawned worker process."""
+    slots = SlotView(owner_pid, fd, nslots, slot_size)
+    w = Worker(slots)
+    conn.send_bytes(wire.encode(["hello", wire.PROTOCOL_VERSION, os.getpid()]))
+    try:
+        while True:
+            try:
+                frame = conn.recv_bytes()
+            except (EOFError, OSError):
+                return
+            rid, op, args = wire.decode(frame)
+            if op == "exit":
+                conn.send_bytes(wire.encode([rid, True, None]))
+                return
+            try:
+                reply = [rid, True, w.run(op, args)]
+            except Exception as exc:  # every failure goes back as a record
+                reply = [rid, False, wire.error_record(exc)]
+            conn.send_bytes(wire.encode(reply))
+    finally:
+        w.ex.close_all()
+        slots.close()
+        conn.close()
