@@ -129,8 +129,17 @@ def opened(filename: str, fmt: str | None = None, read_only: bool = True, backin
         node.close()
 
 
-def json_dumps(obj: Any) -> str:
-    """qemu-img's JSON pretty printing: 4-space indent, ``key": value`` separators."""
+def json_dumps(obj: Any, _level: int = 0) -> str:
+    """qemu-img's JSON pretty printing: 4-space indent, ``key": value`` separators, and (as QEMU's
+    json-writer) an empty list or object still gets its newline: ``[\n<indent>]``."""
     import json
 
-    return json.dumps(obj, indent=4, separators=(",", ": "))
+    pad = " " * (4 * _level)
+    inner = " " * (4 * (_level + 1))
+    if isinstance(obj, dict):
+        items = [f"{inner}{json.dumps(str(k))}: {json_dumps(v, _level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + ("\n" if items else "") + pad + "}"
+    if isinstance(obj, (list, tuple)):
+        items = [inner + json_dumps(v, _level + 1) for v in obj]
+        return "[\n" + ",\n".join(items) + ("\n" if items else "") + pad + "]"
+    return json.dumps(obj)
