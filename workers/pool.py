@@ -66,13 +66,18 @@ class _Worker:
     inflight: dict[int, tuple[Future, str]] = field(default_factory=dict)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     alive: bool = True
+    ready: bool = False  # handshake done: the reader thread owns its pipe and requests may go to it
 
 
 class WorkerPool:
     """A supervised pool of worker processes."""
 
     def __init__(self, workers: int | None = None, nslots: int | None = None,
-                 slot_size: int = DEFAULT_SLOT_SIZE, max_inflight: int = 4, start_timeout: float = 60.0) -> None:
+                 slot_size: int = DEFAULT_SLOT_SIZE, max_inflight: int = 4, start_timeout: float = 60.0,
+                 wait: bool = True) -> None:
+        """Spawn the workers.  With ``wait`` the call returns once every worker greeted us (and raises
+        IpcError if one did not); without it start-up overlaps the caller's own work and the first
+        ``submit`` waits for a ready worker."""
         import multiprocess
 
         self.nworkers = workers or default_workers()
@@ -84,25 +89,43 @@ class WorkerPool:
         self._next_id = 1
         self._files: dict[int, tuple[str, bool]] = {}
         self._closing = False
+        self._start_error: Exception | None = None
         self.replacements = 0
         self.workers: list[_Worker] = []
         self._start_timeout = start_timeout
         _pool_started()
-        starting: list[_Worker] = []
         try:
             for i in range(self.nworkers):
-                starting.append(self._spawn(i))
-            for w in starting:
-                self._handshake(w)
-            self.workers = starting
+                self.workers.append(self._spawn(i))
         except BaseException:
-            for w in starting:
+            for w in self.workers:
                 self._reap(w, kill=True)
             self.slots.close()
             _pool_stopped()
             raise
         self._reader = threading.Thread(target=self._read_loop, name="parablock-pool-reader", daemon=True)
         self._reader.start()
+        self._starters = [threading.Thread(target=self._start_worker, args=(w,), daemon=True,
+                                           name=f"parablock-pool-start-{w.index}") for w in self.workers]
+        for t in self._starters:
+            t.start()
+        if wait:
+            for t in self._starters:
+                t.join()
+            if self._start_error is not None:
+                err = self._start_error
+                self.close()
+                raise err
+
+    def _start_worker(self, w: _Worker) -> None:
+        try:
+            self._handshake(w)
+        except Exception as exc:
+            with self._cond:
+                self._start_error = exc if isinstance(exc, IpcError) else IpcError(str(exc))
+                w.alive = False
+                self._cond.notify_all()
+            self._reap(w, kill=True)
 
     # --- processes -------------------------------------------------------------------------------
     def _spawn(self, index: int) -> _Worker:
@@ -117,6 +140,7 @@ class WorkerPool:
         return _Worker(index, proc, parent)
 
     def _handshake(self, w: _Worker) -> None:
+        """Read the greeting, then hand the worker to the reader thread with every open file re-opened."""
         if not w.conn.poll(self._start_timeout):
             raise IpcError(f"worker {w.index} did not start within {self._start_timeout:.0f} s")
         try:
@@ -128,19 +152,22 @@ class WorkerPool:
         if hello[1] != wire.PROTOCOL_VERSION:
             raise IpcError(f"worker {w.index} speaks protocol {hello[1]}, expected {wire.PROTOCOL_VERSION}")
         w.pid = int(hello[2])
-        for handle, (path, writable) in self._files.items():
-            self._send_sync(w, "open", [handle, path, writable])
-
-    def _send_sync(self, w: _Worker, op: str, args: list) -> Any:
-        """Used only before the reader thread owns ``w``: a blocking round trip."""
-        rid = self._new_id()
-        w.conn.send_bytes(wire.encode([rid, op, args]))
-        if not w.conn.poll(self._start_timeout):
-            raise IpcError(f"worker {w.index} did not answer '{op}'")
-        _rid, ok, payload = wire.decode(w.conn.recv_bytes())
-        if not ok:
-            raise wire.rebuild_error(payload)
-        return payload
+        # holding the send lock while becoming ready: no request reaches the worker before its opens
+        with w.send_lock:
+            with self._cond:
+                if self._closing:
+                    return
+                files = dict(self._files)
+                w.ready = True
+                frames = []
+                for handle, (path, writable) in files.items():
+                    rid = self._next_id
+                    self._next_id += 1
+                    w.inflight[rid] = (Future(), "open")
+                    frames.append(wire.encode([rid, "open", [handle, path, writable]]))
+                self._cond.notify_all()
+            for f in frames:
+                w.conn.send_bytes(f)
 
     def _reap(self, w: _Worker, kill: bool = False) -> None:
         w.alive = False
@@ -175,7 +202,7 @@ class WorkerPool:
             with self._cond:
                 if self._closing and not any(w.inflight for w in self.workers):
                     return
-                live = [w for w in self.workers if w.alive]
+                live = [w for w in self.workers if w.alive and w.ready]
             waitables: dict[Any, tuple[str, _Worker]] = {}
             for w in live:
                 waitables[w.conn] = ("conn", w)
@@ -225,15 +252,15 @@ class WorkerPool:
                 return
         try:
             new = self._spawn(w.index)
-            self._handshake(new)
-        except (IpcError, OSError):
+        except OSError as exc:
             with self._cond:
+                self._start_error = IpcError(f"could not replace worker {w.index}: {exc}")
                 self._cond.notify_all()
             return
         with self._cond:
             self.workers[self.workers.index(w)] = new
             self.replacements += 1
-            self._cond.notify_all()
+        threading.Thread(target=self._start_worker, args=(new,), daemon=True).start()
 
     # --- submitting ---------------------------------------------------------------------------------
     def submit(self, op: str, args: list, timeout: float | None = 60.0) -> Future:
@@ -244,11 +271,13 @@ class WorkerPool:
             while True:
                 if self._closing:
                     raise IpcError("worker pool is shut down")
-                live = [w for w in self.workers if w.alive]
+                live = [w for w in self.workers if w.alive and w.ready]
                 if live:
                     w = min(live, key=lambda x: len(x.inflight))
                     if len(w.inflight) < self.max_inflight:
                         break
+                elif not any(x.alive for x in self.workers):
+                    raise self._start_error or IpcError("no live worker")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise IpcError("no worker became available in time (all busy or dead)")
@@ -272,18 +301,26 @@ class WorkerPool:
         """Run ``op`` on every live worker (open/close of files)."""
         futs = []
         with self._cond:
-            live = [w for w in self.workers if w.alive]
-        for w in live:
-            fut: Future = Future()
-            with self._cond:
-                rid = self._next_id
-                self._next_id += 1
-                w.inflight[rid] = (fut, op)
+            candidates = [w for w in self.workers if w.alive]
+        for w in candidates:
             with w.send_lock:
-                w.conn.send_bytes(wire.encode([rid, op, list(args)]))
+                with self._cond:
+                    if not (w.alive and w.ready):
+                        continue  # it will get the file with the others when its handshake ends
+                    fut: Future = Future()
+                    rid = self._next_id
+                    self._next_id += 1
+                    w.inflight[rid] = (fut, op)
+                try:
+                    w.conn.send_bytes(wire.encode([rid, op, list(args)]))
+                except (OSError, ValueError):
+                    continue
             futs.append(fut)
         for f in futs:
-            f.result(60)
+            try:
+                f.result(60)
+            except WorkerDied:
+                pass  # its replacement re-opens every registered file
 
     def register_file(self, handle: int, path: str, writable: bool) -> None:
         with self._cond:
@@ -297,7 +334,12 @@ class WorkerPool:
 
     # --- shutdown -------------------------------------------------------------------------------------
     def pids(self) -> list[int]:
-        return [w.pid for w in self.workers if w.alive]
+        return [w.pid for w in self.workers if w.alive and w.ready]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until every worker finished its handshake (tests, benchmarks)."""
+        with self._cond:
+            self._cond.wait_for(lambda: all(w.ready or not w.alive for w in self.workers), timeout)
 
     def rss_bytes(self) -> int:
         """Resident memory of the coordinator and every worker (for benchmarks)."""
@@ -323,9 +365,10 @@ class WorkerPool:
                 except (OSError, ValueError):
                     pass
         deadline = time.monotonic() + 10
-        for w in self.workers:
+        remaining = [w for w in self.workers if w.alive]
+        for w in remaining:
             w.proc.join(max(0.1, deadline - time.monotonic()))
-        for w in self.workers:
+        for w in remaining:
             with self._cond:
                 lost = list(w.inflight.values())
                 w.inflight.clear()
@@ -334,6 +377,8 @@ class WorkerPool:
                     fut.set_exception(IpcError(f"worker pool shut down while running '{op}'"))
             self._reap(w, kill=True)
         self._reader.join(5)
+        for t in getattr(self, "_starters", []):
+            t.join(5)
         self.slots.close()
         _pool_stopped()
 
@@ -345,55 +390,56 @@ class WorkerPool:
 
 
 class PoolExecutor:
-    """``ipc.executor.Executor`` on a WorkerPool: format code runs unchanged, bytes move in the workers.
+    """``ipc.executor.Executor`` on a WorkerPool: format code runs unchanged.
 
-    Small reads and writes travel inline in the messages; larger ones through a leased slot."""
+    Latency-bound small requests (metadata: headers, L1/L2 tables, refcount blocks) are served inline on
+    the coordinator's own fd, since a worker round trip would cost more than the I/O (DESIGN.md); bulk
+    reads and writes and all compression go to the workers.  Every file is open in the coordinator and in
+    every worker under the same handle, so a plan made here can name it in a worker request."""
 
-    INLINE = 64 << 10
+    INLINE = 256 << 10
 
     def __init__(self, pool: WorkerPool) -> None:
+        from workers.inproc import InProcessExecutor
+
         self.pool = pool
-        self._next = 1
-        self._lock = threading.Lock()
+        self.local = InProcessExecutor()
 
     def open(self, path: str, writable: bool, create: bool = False) -> int:
-        if create:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            os.close(fd)
-        else:
-            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-            os.close(fd)  # raise the open error here, in the caller, with the caller's path
-        with self._lock:
-            h = self._next
-            self._next += 1
-        self.pool.register_file(h, path, writable)
+        h = self.local.open(path, writable, create)
+        try:
+            self.pool.register_file(h, os.path.abspath(path), writable)
+        except BaseException:
+            self.local.close(h)
+            raise
         return h
 
     def close(self, handle: int) -> None:
-        self.pool.unregister_file(handle)
+        try:
+            self.pool.unregister_file(handle)
+        finally:
+            self.local.close(handle)
 
     def pread(self, handle: int, offset: int, length: int) -> bytes:
-        if length <= self.INLINE or length > self.pool.slot_size:
-            if length > self.pool.slot_size:
-                out = bytearray()
-                pos = 0
-                while pos < length:
-                    n = min(self.pool.slot_size, length - pos)
-                    out += self.pread(handle, offset + pos, n)
-                    pos += n
-                return bytes(out)
-            return self.pool.call("pread", handle, offset, length, None)
-        slot = self.pool.slots.lease()
-        try:
-            self.pool.call("pread", handle, offset, length, slot)
-            return bytes(self.pool.slots.slot(slot)[:length])
-        finally:
-            self.pool.slots.release(slot)
+        if length <= self.INLINE:
+            return self.local.pread(handle, offset, length)
+        out = bytearray(length)
+        pos = 0
+        while pos < length:
+            n = min(self.pool.slot_size, length - pos)
+            slot = self.pool.slots.lease()
+            try:
+                self.pool.call("pread", handle, offset + pos, n, slot)
+                out[pos:pos + n] = self.pool.slots.slot(slot)[:n]
+            finally:
+                self.pool.slots.release(slot)
+            pos += n
+        return bytes(out)
 
     def pwrite(self, handle: int, offset: int, data: bytes) -> None:
         length = len(data)
         if length <= self.INLINE:
-            self.pool.call("pwrite", handle, offset, bytes(data), None, length)
+            self.local.pwrite(handle, offset, data)
             return
         pos = 0
         view = memoryview(data)
@@ -408,27 +454,32 @@ class PoolExecutor:
             pos += n
 
     def write_zeroes(self, handle: int, offset: int, length: int, unmap: bool) -> None:
-        self.pool.call("write_zeroes", handle, offset, length, unmap)
+        if length <= self.INLINE:
+            self.local.write_zeroes(handle, offset, length, unmap)
+        else:
+            self.pool.call("write_zeroes", handle, offset, length, unmap)
 
     def discard(self, handle: int, offset: int, length: int) -> None:
-        self.pool.call("discard", handle, offset, length)
+        self.local.discard(handle, offset, length)
 
     def truncate(self, handle: int, size: int) -> None:
-        self.pool.call("truncate", handle, size)
+        self.local.truncate(handle, size)
 
     def fsync(self, handle: int) -> None:
-        self.pool.call("fsync", handle)
+        self.local.fsync(handle)
 
     def stat(self, handle: int) -> FileStat:
-        size, allocated = self.pool.call("stat", handle)
-        return FileStat(size, allocated)
+        return self.local.stat(handle)
 
     def extent(self, handle: int, offset: int, length: int) -> HostExtent:
-        off, n, data = self.pool.call("extent", handle, offset, length)
-        return HostExtent(off, n, data)
+        return self.local.extent(handle, offset, length)
 
     def compress(self, codec: str, data: bytes, limit: int) -> bytes | None:
         return self.pool.call("compress", codec, bytes(data), None, len(data), limit)
 
     def decompress(self, codec: str, data: bytes, out_len: int) -> bytes:
         return self.pool.call("decompress", codec, bytes(data), out_len)
+
+    def close_all(self) -> None:
+        for h in list(self.local._fds):
+            self.close(h)

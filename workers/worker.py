@@ -45,6 +45,38 @@ class Worker:
         except KeyError:
             raise OSError(9, f"worker {os.getpid()} has no file for handle {handle}") from None
 
+    def gather(self, slot: int, pieces: list, length: int, gran: int, compress: list | None):
+        """Assemble ``length`` bytes in ``slot`` from data, zero and compressed pieces, then either find
+        the non-zero ``gran`` runs or compress cluster by cluster.
+
+        With ``compress = [codec, cluster_size, out_offset]`` returns one item per cluster: -2 all zeros,
+        -1 did not compress (raw bytes stay in place), else ``[slot_offset, length]`` of the compressed
+        stream written from ``out_offset`` on."""
+        view = self.slots.slot(slot)
+        for piece in pieces:
+            _gather_piece(self, view, piece)
+        if compress is not None:
+            codec, cs, out = compress
+            result: list = []
+            zero = bytes(cs)
+            for c_off in range(0, length, cs):
+                chunk = view[c_off:c_off + cs]
+                if chunk == zero[:len(chunk)]:
+                    result.append(-2)
+                    continue
+                data = bytes(chunk) if len(chunk) == cs else bytes(chunk) + bytes(cs - len(chunk))
+                comp = codecs.compress(codec, data, cs)
+                if comp is None:
+                    result.append(-1)
+                    continue
+                view[out:out + len(comp)] = comp
+                result.append([out, len(comp)])
+                out += len(comp)
+            return result
+        if gran:
+            return find_nonzero_runs(view, length, gran)
+        return None
+
     def run(self, op: str, a: list):
         ex = self.ex
         if op == "pread":
@@ -68,6 +100,14 @@ class Worker:
             for r_off, r_len in runs:
                 ex.pwrite(self.h(dst), dst_off + r_off, view[r_off:r_off + r_len])
             return runs
+        if op == "gather":
+            return self.gather(*a)
+        if op == "scatter":
+            slot, writes = a
+            view = self.slots.slot(slot)
+            for h, off, s_off, n in writes:
+                ex.pwrite(self.h(h), off, view[s_off:s_off + n])
+            return None
         if op == "write_zeroes":
             h, off, length, unmap = a
             return ex.write_zeroes(self.h(h), off, length, unmap)
@@ -105,7 +145,8 @@ class Worker:
             return d.hexdigest()
         if op == "open":
             handle, path, writable = a
-            self.handles[handle] = ex.open(path, writable)
+            if handle not in self.handles:  # re-sent opens after a handshake race are harmless
+                self.handles[handle] = ex.open(path, writable)
             return None
         if op == "close":
             local = self.handles.pop(a[0], None)
@@ -118,6 +159,20 @@ class Worker:
         if op == "pid":
             return os.getpid()
         raise ValueError(f"unknown worker op '{op}'")
+
+
+def _gather_piece(w: "Worker", view: memoryview, piece: list) -> None:
+    kind, h, off, n, s_off = piece[:5]
+    if kind == "zero":
+        view[s_off:s_off + n] = bytes(n)
+    elif kind == "data":
+        view[s_off:s_off + n] = w.ex.pread(w.h(h), off, n)
+    elif kind == "comp":
+        clen, codec, cs, skip = piece[5:9]
+        data = codecs.decompress(codec, w.ex.pread(w.h(h), off, clen), cs)
+        view[s_off:s_off + n] = data[skip:skip + n]
+    else:
+        raise ValueError(f"unknown gather piece kind '{kind}'")
 
 
 def worker_main(conn, owner_pid: int, fd: int, nslots: int, slot_size: int) -> None:

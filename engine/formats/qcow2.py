@@ -447,6 +447,9 @@ class Qcow2Driver(BlockDriver):
         self.rb_dirty.add(off)
         if new == 0 and ci < self.free_hint:
             self.free_hint = ci
+        if new == 0 and self.free_byte_offset and self.free_byte_offset // self.cs == ci:
+            # the partly filled compressed cluster was freed (and may be reused for anything): start afresh
+            self.free_byte_offset = 0
         return new
 
     def _ensure_refblock(self, b: int) -> None:
@@ -519,14 +522,19 @@ class Qcow2Driver(BlockDriver):
         ci = self.free_hint
         run_start = ci
         run = 0
+        first_free = -1
         while run < n:
             if self._get_rc(ci) == 0:
                 if run == 0:
                     run_start = ci
+                if first_free < 0:
+                    first_free = ci
                 run += 1
             else:
                 run = 0
             ci += 1
+        # every cluster below the first free one is in use: later scans start there (not quadratic)
+        self.free_hint = first_free
         return run_start
 
     def _alloc_clusters(self, n: int) -> int:
@@ -537,6 +545,11 @@ class Qcow2Driver(BlockDriver):
                        if b >= len(self.rt) or not self.rt[b]]
             if not missing:
                 break
+            if n > self.epb // 2:
+                # self-describing refblocks at the start of each block's range would split every run
+                # longer than a block forever: put the new refblocks together in front of the run
+                self._refblocks_before_run(n, len(missing))
+                continue
             for b in missing:
                 self._ensure_refblock(b)
         for ci in range(s, s + n):
@@ -546,6 +559,28 @@ class Qcow2Driver(BlockDriver):
         self._alloc_end = max(self._alloc_end, s + n)
         self._meta_prealloc = None if self._meta_prealloc else self._meta_prealloc
         return s * self.cs
+
+    def _refblocks_before_run(self, n: int, k: int) -> None:
+        """Create the refblocks a run of ``n`` clusters needs in the free clusters just before it."""
+        epb, cs = self.epb, self.cs
+        while True:
+            s = self._find_free_run(n + k)
+            need = [b for b in range(s // epb, (s + n + k - 1) // epb + 1) if b >= len(self.rt) or not self.rt[b]]
+            if need and max(need) >= len(self.rt):
+                self._grow_refcount_table(max(need) + 1)
+                continue
+            if len(need) <= k:
+                break
+            k = len(need)
+        for j, b in enumerate(need):
+            off = (s + j) * cs
+            self.rb_cache[off] = bytearray(cs)
+            self.rb_dirty.add(off)
+            self.rt[b] = off
+            self.rt_dirty.add(b)
+        for j in range(len(need)):
+            self._change_rc(s + j, 1)
+        self._alloc_end = max(self._alloc_end, s + len(need))
 
     def _alloc_bytes(self, size: int) -> int:
         """QEMU's qcow2_alloc_bytes: pack compressed data at byte granularity."""
@@ -829,6 +864,7 @@ class Qcow2Driver(BlockDriver):
                 table, i = self._l2_for_write(vc)
                 coff = self._alloc_bytes(len(comp))
                 self.file.write(coff, comp)
+                self._zcache = None  # a reused host range can give a new cluster the cached one's entry
                 self._set_entry(table, i, L.encode_compressed(coff, len(comp), self.cbits), 0)
                 self.l2_dirty.add(self._table_off(vc))
             pos += cs
@@ -1493,3 +1529,51 @@ class Qcow2Driver(BlockDriver):
 
     def allocated_size(self) -> int:
         return self.file.allocated_size() if self.file is not None else 0
+
+    # ------------------------------------------------------------------------------------------------
+    # bulk copy support (convert, commit): the coordinator plans host offsets here, workers move data
+    # ------------------------------------------------------------------------------------------------
+    def is_unallocated_run(self, vc: int, count: int) -> bool:
+        """Whether guest clusters [vc, vc+count) have no host cluster and no zero flag of their own."""
+        for i in range(count):
+            entry, bitmap = self._lookup(vc + i)
+            if entry or bitmap:
+                return False
+        return True
+
+    def alloc_data_run(self, vc: int, count: int) -> int:
+        """Allocate ``count`` contiguous host clusters for guest clusters starting at ``vc`` (which must be
+        unallocated); the L2 tables they need are made first.  Returns the host offset.  Nothing points at
+        the clusters until ``link_data_run`` (call it only once their data is written)."""
+        self.check_writable()
+        for l1i in range(vc // self.l2_entries, (vc + count - 1) // self.l2_entries + 1):
+            self._l2_for_write(l1i * self.l2_entries)
+        return self._alloc_clusters(count)
+
+    def link_data_run(self, vc: int, host: int, count: int) -> None:
+        """Point guest clusters [vc, vc+count) at the host clusters from ``alloc_data_run``."""
+        bitmap = L.BITMAP_ALL_ALLOC if self.ext_l2 else 0
+        for i in range(count):
+            table, idx = self._l2_for_write(vc + i)
+            self._set_entry(table, idx, (host + i * self.cs) | L.OFLAG_COPIED, bitmap)
+            self.l2_dirty.add(self._table_off(vc + i))
+        self._maybe_evict()
+
+    def alloc_compressed(self, clen: int) -> int:
+        """Host byte offset for ``clen`` bytes of compressed data (QEMU's byte-granular packing)."""
+        self.check_writable()
+        return self._alloc_bytes(clen)
+
+    def link_compressed(self, vc: int, coff: int, clen: int) -> None:
+        table, idx = self._l2_for_write(vc)
+        self._set_entry(table, idx, L.encode_compressed(coff, clen, self.cbits), 0)
+        self.l2_dirty.add(self._table_off(vc))
+
+    def compressed_source(self, offset: int) -> tuple[int, int, int, str, int]:
+        """(file handle, host byte offset, bytes to read, codec, cluster size) of the compressed cluster
+        holding guest ``offset``.  Raises CorruptImage when that cluster is not compressed."""
+        entry, _ = self._lookup(offset >> self.cbits)
+        if not entry & L.OFLAG_COMPRESSED:
+            raise CorruptImage(f"guest offset {offset} is not in a compressed cluster")
+        coff, clen = L.decode_compressed(entry, self.cbits)
+        return self.file.handle, coff, clen, self.codec, self.cs  # type: ignore[union-attr]

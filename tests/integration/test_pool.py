@@ -106,6 +106,7 @@ def test_worker_killed_mid_request(pool, tmp_path):
     while pool.replacements < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert pool.replacements == 1
+    pool.wait_ready()
     assert len(pool.pids()) == 2 and victim not in pool.pids() and set(pool.pids()) != before
     # the pool still works, and the replacement re-opened the pool's files
     path = tmp_path / "f.raw"

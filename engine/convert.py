@@ -1,0 +1,404 @@
+"""Image conversion on the worker pool (qemu-img convert's engine).
+
+Layer: engine (imports ``ipc`` only; the pool arrives as a ``Mover``).  The coordinator walks the sources'
+block status, plans target windows and host offsets (qcow2 allocation is metadata and stays here), and
+workers move the bytes: a ``gather`` reads source extents into a shared-memory slot (decompressing
+compressed source clusters, zero-filling holes) and reports its non-zero runs or compresses it cluster by
+cluster; a ``scatter`` writes slot ranges to target host offsets.  Data crosses the coordinator only on
+the fallback path (a target cluster that is already allocated, e.g. with ``-n``).
+
+Ordering: target L2 entries are linked only after the scatter that filled their clusters completed (data
+before metadata); without ``out_of_order`` windows are committed in guest order, so the target's host
+layout follows the guest's as with qemu-img.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from engine.block import block_status, chain, chain_block_status
+from engine.driver import BlockDriver, Status
+from engine.errors import BlockError, InvalidArgument
+from engine.formats.file import FileDriver
+
+MiB = 1 << 20
+
+
+class Mover(Protocol):
+    """What convert needs from the worker pool (``workers.pool.WorkerPool`` provides it)."""
+
+    slot_size: int
+    slots: Any
+
+    def submit(self, op: str, args: list, timeout: float | None = ...) -> Any: ...
+
+
+@dataclass
+class ConvertOptions:
+    compress: bool = False
+    sparse: int = 4096  # -S: zero-detection granularity in bytes; 0 = write everything
+    target_has_backing: bool = False  # -B: copy only what the sources' top layers hold
+    target_zero_init: bool = True
+    max_inflight: int = 8  # -m
+    out_of_order: bool = False  # -W
+    chunk: int = 2 * MiB
+
+
+@dataclass
+class ConvertStats:
+    total: int = 0
+    done: int = 0
+    data_bytes: int = 0
+    zero_bytes: int = 0
+    skipped_bytes: int = 0
+    fallback_bytes: int = 0
+
+
+@dataclass
+class _Piece:
+    kind: str  # data | zero | comp | skip
+    offset: int  # target guest offset
+    length: int
+    handle: int = 0
+    host: int = 0
+    comp: tuple | None = None  # (clen, codec, cs, skip)
+
+
+@dataclass
+class _Window:
+    start: int
+    length: int
+    pieces: list[_Piece] = field(default_factory=list)
+
+    @property
+    def has_data(self) -> bool:
+        return any(p.kind in ("data", "comp") for p in self.pieces)
+
+
+class Converter:
+    def __init__(self, sources: list[BlockDriver], target: BlockDriver, mover: Mover, opts: ConvertOptions,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        self.sources = sources
+        self.target = target
+        self.mover = mover
+        self.opts = opts
+        self.progress = progress
+        self.total = sum(s.size() for s in sources)
+        self.stats = ConvertStats(total=self.total)
+        self.qcow2 = target.format_name == "qcow2"
+        self.tcs = (target.cluster_size() or 65536) if self.qcow2 else 512
+        if opts.compress and not self.qcow2:
+            raise InvalidArgument("Compression not supported for this file format")
+        tfile = target.file
+        if not isinstance(tfile, FileDriver):
+            raise InvalidArgument("convert target must sit on a file")
+        self.thandle = tfile.handle
+        self.align = self.tcs if self.qcow2 else max(4096, opts.sparse or 4096)
+        chunk = opts.chunk
+        if opts.compress:
+            chunk = max(self.tcs, min(chunk, mover.slot_size // 2) // self.tcs * self.tcs)
+        self.chunk = max(self.align, min(chunk, mover.slot_size) // self.align * self.align)
+
+    # --- source side --------------------------------------------------------------------------------
+    def _source_pieces(self, start: int, length: int) -> list[_Piece]:
+        """What the sources hold for target range [start, start+length), as pieces."""
+        out: list[_Piece] = []
+        base = 0
+        for src in self.sources:
+            size = src.size()
+            lo, hi = max(start, base), min(start + length, base + size)
+            pos = lo
+            while pos < hi:
+                off = pos - base
+                n = hi - pos
+                if self.opts.target_has_backing:
+                    ext = block_status(src, off, n)
+                    depth = 0
+                    if not ext.status & (Status.ZERO | Status.DATA):
+                        out.append(_Piece("skip", pos, ext.length))
+                        pos += ext.length
+                        continue
+                else:
+                    ext, depth = chain_block_status(src, off, n)
+                n = ext.length
+                st = ext.status
+                if st & Status.ZERO and not (st & Status.DATA and not st & Status.ZERO):
+                    out.append(_Piece("zero", pos, n))
+                elif st & Status.OFFSET_VALID and isinstance(ext.node, FileDriver):
+                    out.append(_Piece("data", pos, n, ext.node.handle, ext.offset))
+                elif st & Status.DATA:
+                    out.extend(self._compressed_pieces(chain(src)[depth], pos, off, n))
+                else:
+                    out.append(_Piece("zero", pos, n))
+                pos += n
+            base += size
+        return out
+
+    def _resolve_partial_skips(self, start: int, pieces: list[_Piece]) -> list[_Piece]:
+        """With -B, a target cluster that gets data must also get the backing's bytes for the rest of it:
+        re-read those parts through the source's whole chain (the target's backing has the same bytes)."""
+        cs = self.tcs
+        busy = {c for p in pieces if p.kind != "skip"
+                for c in range(p.offset // cs, (p.offset + p.length - 1) // cs + 1)}
+        out: list[_Piece] = []
+        for p in pieces:
+            if p.kind != "skip":
+                out.append(p)
+                continue
+            pos, end = p.offset, p.offset + p.length
+            while pos < end:
+                c = pos // cs
+                n = min((c + 1) * cs, end) - pos
+                if c in busy:
+                    saved = self.opts.target_has_backing
+                    self.opts.target_has_backing = False
+                    try:
+                        out.extend(self._source_pieces(pos, n))
+                    finally:
+                        self.opts.target_has_backing = saved
+                elif out and out[-1].kind == "skip" and out[-1].offset + out[-1].length == pos:
+                    out[-1].length += n
+                else:
+                    out.append(_Piece("skip", pos, n))
+                pos += n
+        return out
+
+    def _compressed_pieces(self, layer: BlockDriver, pos: int, off: int, n: int) -> list[_Piece]:
+        getter = getattr(layer, "compressed_source", None)
+        if getter is None:
+            raise BlockError(f"cannot locate the data of '{layer.filename}' at offset {off}")
+        out = []
+        cs = layer.cluster_size() or 65536
+        end = off + n
+        while off < end:
+            m = min(cs - off % cs, end - off)
+            handle, coff, clen, codec, ccs = getter(off)
+            out.append(_Piece("comp", pos, m, handle, coff, (clen, codec, ccs, off % cs)))
+            off += m
+            pos += m
+        return out
+
+    def _windows(self):
+        pos = 0
+        while pos < self.total:
+            n = min(self.chunk, self.total - pos)
+            pieces = self._source_pieces(pos, n)
+            if self.opts.target_has_backing and self.qcow2:
+                pieces = self._resolve_partial_skips(pos, pieces)
+            yield _Window(pos, n, pieces)
+            pos += n
+
+    # --- the pipeline -----------------------------------------------------------------------------------
+    def run(self) -> ConvertStats:
+        inflight: deque = deque()
+        writing: deque = deque()
+        limit = max(1, self.opts.max_inflight)
+        try:
+            for win in self._windows():
+                if not win.has_data and self.opts.sparse:
+                    self._no_data_window(win)
+                    self._advance(win.length)
+                else:
+                    inflight.append(self._submit_gather(win))
+                while len(inflight) + len(writing) >= limit:
+                    self._reap(inflight, writing)
+            while inflight or writing:
+                self._reap(inflight, writing)
+        except BaseException:
+            for item in list(inflight) + list(writing):
+                self._abandon(item)
+            raise
+        self.target.flush()
+        return self.stats
+
+    def _advance(self, n: int) -> None:
+        self.stats.done += n
+        if self.progress:
+            self.progress(self.stats.done, self.total)
+
+    def _no_data_window(self, win: _Window) -> None:
+        for p in win.pieces:
+            if p.kind == "skip":
+                self.stats.skipped_bytes += p.length
+            elif self.opts.target_zero_init:
+                self.stats.zero_bytes += p.length
+            else:
+                self.target.write_zeroes(p.offset, p.length, unmap=True)
+                self.stats.zero_bytes += p.length
+
+    def _submit_gather(self, win: _Window):
+        slot = self.mover.slots.lease()
+        wire_pieces = []
+        for p in win.pieces:
+            rel = p.offset - win.start
+            if p.kind == "data":
+                wire_pieces.append(["data", p.handle, p.host, p.length, rel])
+            elif p.kind == "comp":
+                clen, codec, ccs, skip = p.comp  # type: ignore[misc]
+                wire_pieces.append(["comp", p.handle, p.host, p.length, rel, clen, codec, ccs, skip])
+            else:
+                wire_pieces.append(["zero", 0, 0, p.length, rel])
+        compress = None
+        gran = self.opts.sparse
+        if self.opts.compress:
+            compress = [self.target.codec, self.tcs, self.mover.slot_size // 2]  # type: ignore[attr-defined]
+        fut = self.mover.submit("gather", [slot, wire_pieces, win.length, gran, compress])
+        return ("gather", win, slot, fut)
+
+    def _reap(self, inflight: deque, writing: deque) -> None:
+        # completed writes first: they free slots and link metadata
+        if writing and (writing[0][3].done() or not inflight):
+            _kind, win, slot, fut, links = writing.popleft()
+            fut.result()
+            for link in links:
+                link()
+            self.mover.slots.release(slot)
+            self._advance(win.length)
+            return
+        item = inflight[0]
+        if self.opts.out_of_order:
+            for cand in inflight:
+                if cand[3].done():
+                    item = cand
+                    break
+        inflight.remove(item)
+        _kind, win, slot, fut = item
+        try:
+            result = fut.result()
+        except BaseException:
+            self.mover.slots.release(slot)
+            raise
+        writes, links = self._plan_writes(win, slot, result)
+        if writes:
+            wfut = self.mover.submit("scatter", [slot, writes])
+            writing.append(("scatter", win, slot, wfut, links))
+        else:
+            for link in links:
+                link()
+            self.mover.slots.release(slot)
+            self._advance(win.length)
+
+    def _abandon(self, item) -> None:
+        fut, slot = item[3], item[2]
+        try:
+            fut.result(60)
+        except BaseException:
+            pass
+        self.mover.slots.release(slot)
+
+    # --- target side --------------------------------------------------------------------------------------
+    def _zero_target(self, off: int, n: int) -> None:
+        if n <= 0:
+            return
+        self.stats.zero_bytes += n
+        if not self.opts.target_zero_init:
+            self.target.write_zeroes(off, n, unmap=True)
+
+    def _plan_writes(self, win: _Window, slot: int, result) -> tuple[list, list]:
+        """Decide what goes where for one gathered window: (scatter writes, metadata links)."""
+        skip = [(p.offset - win.start, p.length) for p in win.pieces if p.kind == "skip"]
+        if self.opts.compress:
+            return self._plan_compressed(win, slot, result, skip)
+        if result is None:  # no zero detection: everything is data
+            runs = [[0, win.length]]
+        else:
+            runs = result
+        if skip:
+            runs = _subtract(runs, skip)
+            self.stats.skipped_bytes += sum(n for _, n in skip)
+        if not self.qcow2:
+            writes = [[self.thandle, win.start + r, r, n] for r, n in runs]
+            self.stats.data_bytes += sum(n for _, n in runs)
+            covered = _subtract([[0, win.length]], [(r, n) for r, n in runs] + skip)
+            for r, n in covered:
+                self._zero_target(win.start + r, n)
+            return writes, []
+        return self._plan_qcow2(win, slot, runs, skip)
+
+    def _plan_qcow2(self, win: _Window, slot: int, runs: list, skip: list) -> tuple[list, list]:
+        cs = self.tcs
+        tgt = self.target
+        data_clusters = sorted({c for r, n in runs for c in range(r // cs, (r + n - 1) // cs + 1)})
+        skip_clusters = {c for r, n in skip for c in range(r // cs, (r + n - 1) // cs + 1)
+                         if r <= c * cs and (c + 1) * cs <= r + n}
+        writes: list = []
+        links: list = []
+        nclusters = -(-win.length // cs)
+        for c in range(nclusters):
+            if c in data_clusters or c in skip_clusters:
+                continue
+            self._zero_target(win.start + c * cs, min(cs, win.length - c * cs))
+        # group consecutive data clusters into runs that are allocated (and written) together
+        i = 0
+        while i < len(data_clusters):
+            j = i
+            while j + 1 < len(data_clusters) and data_clusters[j + 1] == data_clusters[j] + 1:
+                j += 1
+            c0, count = data_clusters[i], j - i + 1
+            vc = (win.start >> tgt.cbits) + c0  # type: ignore[attr-defined]
+            nbytes = min(count * cs, win.length - c0 * cs)
+            if tgt.is_unallocated_run(vc, count):  # type: ignore[attr-defined]
+                host = tgt.alloc_data_run(vc, count)  # type: ignore[attr-defined]
+                writes.append([self.thandle, host, c0 * cs, nbytes])
+                links.append(lambda vc=vc, host=host, count=count: tgt.link_data_run(vc, host, count))  # type: ignore[attr-defined]
+                self.stats.data_bytes += nbytes
+            else:  # already allocated (e.g. -n): through the coordinator
+                data = bytes(self.mover.slots.slot(slot)[c0 * cs:c0 * cs + nbytes])
+                tgt.write(win.start + c0 * cs, data)
+                self.stats.fallback_bytes += nbytes
+            i = j + 1
+        return writes, links
+
+    def _plan_compressed(self, win: _Window, slot: int, result: list, skip: list) -> tuple[list, list]:
+        cs = self.tcs
+        tgt = self.target
+        writes: list = []
+        links: list = []
+        skip_clusters = {c for r, n in skip for c in range(r // cs, (r + n - 1) // cs + 1)
+                         if r <= c * cs and (c + 1) * cs <= r + n}
+        for c, item in enumerate(result):
+            vc = (win.start >> tgt.cbits) + c  # type: ignore[attr-defined]
+            n = min(cs, win.length - c * cs)
+            if c in skip_clusters:
+                self.stats.skipped_bytes += n
+                continue
+            if item == -2:
+                self._zero_target(win.start + c * cs, n)
+                continue
+            if not tgt.is_unallocated_run(vc, 1):  # type: ignore[attr-defined]
+                data = bytes(self.mover.slots.slot(slot)[c * cs:c * cs + n])
+                tgt.write(win.start + c * cs, data)
+                self.stats.fallback_bytes += n
+                continue
+            if item == -1:
+                host = tgt.alloc_data_run(vc, 1)  # type: ignore[attr-defined]
+                writes.append([self.thandle, host, c * cs, n])
+                links.append(lambda vc=vc, host=host: tgt.link_data_run(vc, host, 1))  # type: ignore[attr-defined]
+            else:
+                s_off, clen = item
+                coff = tgt.alloc_compressed(clen)  # type: ignore[attr-defined]
+                writes.append([self.thandle, coff, s_off, clen])
+                links.append(lambda vc=vc, coff=coff, clen=clen: tgt.link_compressed(vc, coff, clen))  # type: ignore[attr-defined]
+            self.stats.data_bytes += n
+        return writes, links
+
+
+def _subtract(runs: list, holes: list) -> list[list[int]]:
+    """Runs [[off, len]] minus holes [(off, len)]."""
+    out = []
+    for r, n in runs:
+        segs = [(r, r + n)]
+        for h, hn in holes:
+            nxt = []
+            for a, b in segs:
+                if hn <= 0 or h + hn <= a or h >= b:
+                    nxt.append((a, b))
+                    continue
+                if a < h:
+                    nxt.append((a, h))
+                if h + hn < b:
+                    nxt.append((h + hn, b))
+            segs = nxt
+        out.extend([a, b - a] for a, b in segs if b > a)
+    return out
