@@ -17,14 +17,26 @@ from workers import codecs
 from workers.inproc import InProcessExecutor
 
 
-def find_nonzero_runs(buf: memoryview, length: int, gran: int) -> list[list[int]]:
-    """[[offset, length], ...] of the ``gran``-sized blocks of ``buf[:length]`` that are not all zero."""
+_ZEROS: dict[int, bytes] = {}
+
+
+def _zeros(n: int) -> bytes:
+    z = _ZEROS.get(n)
+    if z is None:
+        z = _ZEROS[n] = bytes(n)
+    return z
+
+
+def find_nonzero_runs(buf, base: int, length: int, gran: int) -> list[list[int]]:
+    """[[offset, length], ...] (relative to ``base``) of the ``gran``-sized blocks of ``buf[base:base+length]``
+    that are not all zero.  ``buf`` must slice to bytes (an mmap or bytes): memoryview comparison goes
+    item by item and is 30x slower."""
     runs: list[list[int]] = []
-    zero = bytes(gran)
+    zero = _zeros(gran)
     pos = 0
     while pos < length:
-        n = min(gran, length - pos)
-        if buf[pos:pos + n] != zero[:n]:
+        n = gran if pos + gran <= length else length - pos
+        if buf[base + pos:base + pos + n] != (zero if n == gran else _zeros(n)):
             if runs and runs[-1][0] + runs[-1][1] == pos:
                 runs[-1][1] += n
             else:
@@ -45,6 +57,18 @@ class Worker:
         except KeyError:
             raise OSError(9, f"worker {os.getpid()} has no file for handle {handle}") from None
 
+    def read_into(self, handle: int, offset: int, view: memoryview) -> None:
+        """pread straight into shared memory; the part past EOF reads as zeros."""
+        fd = self.ex._fd(self.h(handle))
+        got = 0
+        n = len(view)
+        while got < n:
+            r = os.preadv(fd, [view[got:]], offset + got)
+            if r <= 0:
+                view[got:] = bytes(n - got)
+                return
+            got += r
+
     def gather(self, slot: int, pieces: list, length: int, gran: int, compress: list | None):
         """Assemble ``length`` bytes in ``slot`` from data, zero and compressed pieces, then either find
         the non-zero ``gran`` runs or compress cluster by cluster.
@@ -55,16 +79,19 @@ class Worker:
         view = self.slots.slot(slot)
         for piece in pieces:
             _gather_piece(self, view, piece)
+        base = slot * self.slots.slot_size
+        mm = self.slots.map
         if compress is not None:
             codec, cs, out = compress
             result: list = []
-            zero = bytes(cs)
             for c_off in range(0, length, cs):
-                chunk = view[c_off:c_off + cs]
-                if chunk == zero[:len(chunk)]:
+                n = min(cs, length - c_off)
+                data = mm[base + c_off:base + c_off + n]
+                if data == _zeros(n):
                     result.append(-2)
                     continue
-                data = bytes(chunk) if len(chunk) == cs else bytes(chunk) + bytes(cs - len(chunk))
+                if n < cs:
+                    data += bytes(cs - n)
                 comp = codecs.compress(codec, data, cs)
                 if comp is None:
                     result.append(-1)
@@ -74,7 +101,7 @@ class Worker:
                 out += len(comp)
             return result
         if gran:
-            return find_nonzero_runs(view, length, gran)
+            return find_nonzero_runs(mm, base, length, gran)
         return None
 
     def run(self, op: str, a: list):
@@ -83,8 +110,7 @@ class Worker:
             h, off, length, slot = a
             if slot is None:
                 return ex.pread(self.h(h), off, length)
-            view = self.slots.slot(slot)
-            view[:length] = ex.pread(self.h(h), off, length)
+            self.read_into(h, off, self.slots.slot(slot)[:length])
             return length
         if op == "pwrite":
             h, off, data, slot, length = a
@@ -96,7 +122,8 @@ class Worker:
             src, src_off, dst, dst_off, length, slot, gran = a
             view = self.slots.slot(slot)
             view[:length] = ex.pread(self.h(src), src_off, length)
-            runs = find_nonzero_runs(view, length, gran) if gran else [[0, length]]
+            runs = find_nonzero_runs(self.slots.map, slot * self.slots.slot_size, length, gran) if gran \
+                else [[0, length]]
             for r_off, r_len in runs:
                 ex.pwrite(self.h(dst), dst_off + r_off, view[r_off:r_off + r_len])
             return runs
@@ -133,7 +160,7 @@ class Worker:
             return codecs.decompress(codec, data, out_len)
         if op == "zero_detect":
             slot, length, gran = a
-            return find_nonzero_runs(self.slots.slot(slot), length, gran)
+            return find_nonzero_runs(self.slots.map, slot * self.slots.slot_size, length, gran)
         if op == "digest":
             h, off, length = a
             d = hashlib.sha256()
@@ -166,7 +193,7 @@ def _gather_piece(w: "Worker", view: memoryview, piece: list) -> None:
     if kind == "zero":
         view[s_off:s_off + n] = bytes(n)
     elif kind == "data":
-        view[s_off:s_off + n] = w.ex.pread(w.h(h), off, n)
+        w.read_into(h, off, view[s_off:s_off + n])
     elif kind == "comp":
         clen, codec, cs, skip = piece[5:9]
         data = codecs.decompress(codec, w.ex.pread(w.h(h), off, clen), cs)
