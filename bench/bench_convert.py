@@ -1,0 +1,169 @@
+"""parablock convert vs qemu-img convert, side by side in the same run.
+
+Builds the images of ../shared/reference/perf-anchors.md (a virtual disk, half allocated: alternating
+1 MiB of random data and a 1 MiB hole), then runs each case as A/B pairs (parablock, qemu-img, alternating,
+previous output removed before each run) and prints the medians, the median of the per-pair ratios
+parablock/qemu-img, MiB/s and the peak RSS summed over each tool's whole process tree.  Results also go to
+bench/results/convert.json.
+
+    python bench/bench_convert.py                 # 4 GiB image, 5 pairs
+    python bench/bench_convert.py --size 1G --pairs 3 --cases raw-qcow2,qcow2-raw
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
+    """Wall time and the peak of the summed RSS of the process and all its descendants."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = psutil.Process(p.pid)
+    peak = 0
+    while p.poll() is None:
+        total = 0
+        try:
+            procs = [proc] + proc.children(recursive=True)
+        except psutil.Error:
+            procs = []
+        for q in procs:
+            try:
+                total += q.memory_info().rss
+            except psutil.Error:
+                pass
+        peak = max(peak, total)
+        time.sleep(0.005)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"{cmd} failed: {p.stderr.read().decode() if p.stderr else ''}")
+    return wall, peak
+
+
+def make_images(d: Path, size: int) -> dict[str, Path]:
+    d.mkdir(parents=True, exist_ok=True)
+    a = d / "a.raw"
+    if not a.exists() or a.stat().st_size != size:
+        rnd = os.urandom(MiB)
+        with open(a, "wb") as f:
+            f.truncate(size)
+            for off in range(0, size, 2 * MiB):
+                f.seek(off)
+                f.write(rnd if off % (8 * MiB) else os.urandom(MiB))
+    b = d / "b.qcow2"
+    if not b.exists():
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(a), str(b)], check=True)
+    base, mid, top = d / "base.qcow2", d / "mid.qcow2", d / "top.qcow2"
+    if not top.exists():
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), str(size)], check=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(mid)],
+                       check=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", str(top)],
+                       check=True)
+        for img, start, pat in ((base, 0, 1), (mid, 2 * MiB, 2), (top, 4 * MiB, 3)):
+            cmds = []
+            for off in range(start, size, 6 * MiB):
+                cmds += ["-c", f"write -q -P {pat} {off} {2 * MiB}"]
+            for i in range(0, len(cmds), 400):
+                subprocess.run(["qemu-io", "-f", "qcow2", *cmds[i:i + 400], str(img)], check=True,
+                               stdout=subprocess.DEVNULL)
+    c = d / "c.raw"
+    csize = min(size // 8, 512 * MiB)
+    if not c.exists() or c.stat().st_size != csize:
+        words = [os.urandom(8).hex().encode() for _ in range(4096)]
+        import random
+
+        rng = random.Random(1)
+        with open(c, "wb") as f:
+            while f.tell() < csize:
+                f.write(b" ".join(rng.choice(words) for _ in range(8192))[:csize - f.tell()])
+    return {"a": a, "b": b, "top": top, "c": c}
+
+
+CASES = {
+    # name: (source key, source fmt, extra args, output fmt, virtual size key)
+    "raw-qcow2": ("a", "raw", [], "qcow2"),
+    "qcow2-raw": ("b", "qcow2", [], "raw"),
+    "chain-raw": ("top", "qcow2", [], "raw"),
+    "compressed-raw-qcow2": ("c", "raw", ["-c"], "qcow2"),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="4G")
+    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--dir", default="/tmp/parablock-bench")
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--cases", default=",".join(CASES))
+    args = ap.parse_args()
+    if not shutil.which("qemu-img"):
+        raise SystemExit("qemu-img is needed for the side-by-side runs (apt-get install qemu-utils)")
+    size = parse_size(args.size)
+    d = Path(args.dir)
+    imgs = make_images(d, size)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    par = [sys.executable, "-m", "engine", "convert"]
+    if args.workers:
+        par += ["--workers", str(args.workers)]
+    results = []
+    for name in args.cases.split(","):
+        src_key, sfmt, extra, ofmt = CASES[name]
+        src = imgs[src_key]
+        out = d / f"out.{ofmt}"
+        vsize = int(json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-f", sfmt, str(src)],
+                                              capture_output=True, text=True, check=True).stdout)["virtual-size"])
+        rows = {"parablock": [], "qemu-img": []}
+        ratios = []
+        for _ in range(args.pairs):
+            pair = {}
+            for tool in ("parablock", "qemu-img"):
+                if out.exists():
+                    out.unlink()
+                cmd = (par if tool == "parablock" else ["qemu-img", "convert"]) + \
+                    ["-f", sfmt, "-O", ofmt, *extra, str(src), str(out)]
+                wall, rss = run_measured(cmd, env)
+                rows[tool].append((wall, rss))
+                pair[tool] = wall
+                if tool == "parablock":
+                    psize = out.stat().st_size
+                else:
+                    qsize = out.stat().st_size
+            ratios.append(pair["parablock"] / pair["qemu-img"])
+        res = {"case": name, "virtual_size": vsize, "pairs": args.pairs, "workers": args.workers or os.cpu_count()}
+        for tool, vals in rows.items():
+            walls = [w for w, _ in vals]
+            res[tool] = {"median_s": statistics.median(walls), "min_s": min(walls),
+                         "MiB_per_s": vsize / MiB / statistics.median(walls),
+                         "peak_rss_MiB": max(r for _, r in vals) / MiB}
+        res["ratio_median"] = statistics.median(ratios)
+        res["output_size_ratio"] = psize / qsize
+        results.append(res)
+        print(f"{name:22s} parablock {res['parablock']['median_s']:.3f}s ({res['parablock']['MiB_per_s']:.0f} MiB/s,"
+              f" {res['parablock']['peak_rss_MiB']:.0f} MiB)  qemu-img {res['qemu-img']['median_s']:.3f}s "
+              f"({res['qemu-img']['MiB_per_s']:.0f} MiB/s, {res['qemu-img']['peak_rss_MiB']:.0f} MiB)  "
+              f"ratio {res['ratio_median']:.2f}  output size ratio {res['output_size_ratio']:.3f}", flush=True)
+    outdir = ROOT / "bench" / "results"
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / "convert.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
