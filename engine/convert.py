@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from engine.block import block_status, chain, chain_block_status
+from engine.block import block_status, chain, chain_block_status, is_allocated_above
 from engine.driver import BlockDriver, Status
 from engine.errors import BlockError, InvalidArgument
 from engine.formats.file import FileDriver
@@ -39,6 +39,7 @@ class ConvertOptions:
     compress: bool = False
     sparse: int = 4096  # -S: zero-detection granularity in bytes; 0 = write everything
     target_has_backing: bool = False  # -B: copy only what the sources' top layers hold
+    base: BlockDriver | None = None  # commit: copy only what is allocated above this node
     target_zero_init: bool = True
     max_inflight: int = 8  # -m
     out_of_order: bool = False  # -W
@@ -101,8 +102,9 @@ class Converter:
         self.chunk = max(self.align, min(chunk, mover.slot_size) // self.align * self.align)
 
     # --- source side --------------------------------------------------------------------------------
-    def _source_pieces(self, start: int, length: int) -> list[_Piece]:
-        """What the sources hold for target range [start, start+length), as pieces."""
+    def _source_pieces(self, start: int, length: int, full: bool = False) -> list[_Piece]:
+        """What the sources hold for target range [start, start+length), as pieces; ``full`` reads through
+        the whole chain even with -B or a commit base."""
         out: list[_Piece] = []
         base = 0
         for src in self.sources:
@@ -112,7 +114,14 @@ class Converter:
             while pos < hi:
                 off = pos - base
                 n = hi - pos
-                if self.opts.target_has_backing:
+                if self.opts.base is not None and not full:
+                    allocated, m = is_allocated_above(src, self.opts.base, off, n)
+                    if not allocated:
+                        out.append(_Piece("skip", pos, m))
+                        pos += m
+                        continue
+                    n = m
+                if self.opts.target_has_backing and not full:
                     ext = block_status(src, off, n)
                     depth = 0
                     if not ext.status & (Status.ZERO | Status.DATA):
@@ -151,12 +160,7 @@ class Converter:
                 c = pos // cs
                 n = min((c + 1) * cs, end) - pos
                 if c in busy:
-                    saved = self.opts.target_has_backing
-                    self.opts.target_has_backing = False
-                    try:
-                        out.extend(self._source_pieces(pos, n))
-                    finally:
-                        self.opts.target_has_backing = saved
+                    out.extend(self._source_pieces(pos, n, full=True))
                 elif out and out[-1].kind == "skip" and out[-1].offset + out[-1].length == pos:
                     out[-1].length += n
                 else:
@@ -184,7 +188,7 @@ class Converter:
         while pos < self.total:
             n = min(self.chunk, self.total - pos)
             pieces = self._source_pieces(pos, n)
-            if self.opts.target_has_backing and self.qcow2:
+            if (self.opts.target_has_backing or self.opts.base is not None) and self.qcow2:
                 pieces = self._resolve_partial_skips(pos, pieces)
             yield _Window(pos, n, pieces)
             pos += n
@@ -343,7 +347,10 @@ class Converter:
                 writes.append([self.thandle, host, c0 * cs, nbytes])
                 links.append(lambda vc=vc, host=host, count=count: tgt.link_data_run(vc, host, count))  # type: ignore[attr-defined]
                 self.stats.data_bytes += nbytes
-            else:  # already allocated (e.g. -n): through the coordinator
+            elif (host := tgt.host_run(vc, count)) is not None:  # type: ignore[attr-defined]
+                writes.append([self.thandle, host, c0 * cs, nbytes])  # ours alone: overwrite in place
+                self.stats.data_bytes += nbytes
+            else:  # shared, compressed or partly allocated (e.g. -n, commit): through the coordinator
                 data = bytes(self.mover.slots.slot(slot)[c0 * cs:c0 * cs + nbytes])
                 tgt.write(win.start + c0 * cs, data)
                 self.stats.fallback_bytes += nbytes

@@ -1541,6 +1541,47 @@ class Qcow2Driver(BlockDriver):
                 return False
         return True
 
+    def host_run(self, vc: int, count: int) -> int | None:
+        """The host offset of guest clusters [vc, vc+count) when they are normal, fully allocated, ours
+        alone (COPIED) and contiguous on the host: they can then be overwritten in place.  Else None."""
+        first = None
+        for i in range(count):
+            entry, bitmap = self._lookup(vc + i)
+            if entry & L.OFLAG_COMPRESSED or not entry & L.OFLAG_COPIED or entry & L.OFLAG_ZERO:
+                return None
+            if self.ext_l2 and bitmap != L.BITMAP_ALL_ALLOC:
+                return None
+            host = entry & L.L2E_OFFSET_MASK
+            if not host:
+                return None
+            if first is None:
+                first = host
+            elif host != first + i * self.cs:
+                return None
+        return first
+
+    def make_empty(self) -> None:
+        """Drop every guest cluster (qemu-img commit empties the top image this way)."""
+        self.check_writable()
+        for l1i, l1e in enumerate(self.l1):
+            l2off = l1e & L.L1E_OFFSET_MASK
+            if not l2off:
+                continue
+            table = self._l2_table(l2off)
+            # data clusters count one reference per L1 path, so a table shared with a snapshot loses
+            # ours for each of its clusters too
+            for i in range(self.l2_entries):
+                entry, _ = self._entry(table, i)
+                if entry & L.OFLAG_COMPRESSED or entry & L.L2E_OFFSET_MASK:
+                    self._free_entry(entry)
+            self.l1[l1i] = 0
+            self.l1_dirty.add(l1i)
+            self.l2_cache.pop(l2off, None)
+            self.l2_dirty.discard(l2off)
+            self._free_range(l2off, self.cs)
+        self.flush()
+        self._truncate_file_to_end()
+
     def alloc_data_run(self, vc: int, count: int) -> int:
         """Allocate ``count`` contiguous host clusters for guest clusters starting at ``vc`` (which must be
         unallocated); the L2 tables they need are made first.  Returns the host offset.  Nothing points at

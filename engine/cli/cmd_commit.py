@@ -1,0 +1,87 @@
+"""``parablock commit`` — qemu-img commit on the worker pool: copy everything allocated above the base
+into the base, then (unless ``-d`` or ``-b``) empty the top image.
+
+Deliberate difference: ``-r`` (rate) is refused until job rate limits land.
+"""
+from __future__ import annotations
+
+import click
+
+from engine.block import chain
+from engine.cli.cmd_convert import Progress
+from engine.cli.common import die
+from engine.cli.main import cli
+from engine.convert import ConvertOptions, Converter
+from engine.errors import BlockError
+from engine.image import open_image
+
+
+@cli.command("commit")
+@click.option("-f", "fmt", default=None)
+@click.option("-t", "cache", default=None)
+@click.option("-b", "base_name", default=None)
+@click.option("-r", "rate", default=None)
+@click.option("-d", "keep_top", is_flag=True)
+@click.option("-p", "progress", is_flag=True)
+@click.option("-q", "quiet", is_flag=True)
+@click.option("--workers", "workers", type=int, default=None, help="worker processes (default: CPUs)")
+@click.argument("filename")
+def commit_cmd(fmt, cache, base_name, rate, keep_top, progress, quiet, workers, filename):
+    """Commit an image's changes into its backing file (qemu-img commit)."""
+    if rate is not None:
+        die("-r is not supported by parablock yet")
+    from workers.pool import PoolExecutor, WorkerPool
+
+    pool = WorkerPool(workers, wait=False)
+    ex = PoolExecutor(pool)
+    top = None
+    new_base = None
+    bar = None
+    try:
+        try:
+            top = open_image(filename, ex, fmt=fmt, read_only=False)
+        except BlockError as exc:
+            die(f"Could not open '{filename}': {exc.message}")
+        layers = chain(top)
+        if len(layers) < 2:
+            die("Image does not have a backing file")
+        if base_name is None:
+            parent, old_base = layers[0], layers[1]
+        else:
+            import os
+
+            want = os.path.realpath(base_name)
+            found = [i for i, n in enumerate(layers[1:], 1) if os.path.realpath(n.filename) == want]
+            if not found:
+                die(f"Did not find '{base_name}' in the backing chain of '{filename}'")
+            parent, old_base = layers[found[0] - 1], layers[found[0]]
+            keep_top = True
+        try:
+            new_base = open_image(old_base.filename, ex, fmt=old_base.format_name, read_only=False)
+        except BlockError as exc:
+            die(f"Could not reopen '{old_base.filename}' read-write: {exc.message}")
+        parent.backing = new_base
+        old_base.close()
+        if new_base.size() < top.size():
+            new_base.truncate(top.size())
+        bar = Progress(top.size(), progress and not quiet)
+        opts = ConvertOptions(base=new_base, target_zero_init=False, max_inflight=2 * pool.nworkers)
+        try:
+            Converter([top], new_base, pool, opts, progress=bar).run()
+            new_base.flush()
+            if not keep_top:
+                make_empty = getattr(top, "make_empty", None)
+                if make_empty is None:
+                    die(f"Image format '{top.format_name}' cannot be emptied after the commit")
+                make_empty()
+        except BlockError as exc:
+            die(exc.message)
+    finally:
+        if bar is not None:
+            bar.close()
+        if top is not None:
+            top.close()
+        ex.close_all()
+        pool.close()
+    if not quiet:
+        click.echo("Image committed.")
