@@ -48,6 +48,8 @@ class BlockDriver:
     format_name: ClassVar[str] = ""
     is_protocol: ClassVar[bool] = False
     supports_backing: ClassVar[bool] = False
+    #: requests may run concurrently from several threads (no metadata state of its own)
+    thread_safe: ClassVar[bool] = False
 
     def __init__(self, filename: str, executor: "Executor", read_only: bool) -> None:
         self.filename = filename

@@ -64,6 +64,8 @@ class _Worker:
     conn: Any
     pid: int = 0
     inflight: dict[int, tuple[Future, str]] = field(default_factory=dict)
+    sent_ns: dict[int, int] = field(default_factory=dict)
+    latencies: list[tuple[str, int, int]] = field(default_factory=list)  # (op, bytes, ns) when recording
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     alive: bool = True
     ready: bool = False  # handshake done: the reader thread owns its pipe and requests may go to it
@@ -91,6 +93,7 @@ class WorkerPool:
         self._closing = False
         self._start_error: Exception | None = None
         self.replacements = 0
+        self.record_latency = False  # per-worker request latencies (parablock bench)
         self.workers: list[_Worker] = []
         self._start_timeout = start_timeout
         _pool_started()
@@ -223,6 +226,10 @@ class WorkerPool:
                     rid, ok, payload = wire.decode(frame)
                     with self._cond:
                         fut, _op = w.inflight.pop(rid, (None, ""))
+                        sent = w.sent_ns.pop(rid, None)
+                        if sent is not None:
+                            w.latencies.append((_op, payload if isinstance(payload, int) else 0,
+                                                time.monotonic_ns() - sent))
                         self._cond.notify_all()
                     if fut is not None:
                         if ok:
@@ -285,6 +292,8 @@ class WorkerPool:
             rid = self._next_id
             self._next_id += 1
             w.inflight[rid] = (fut, op)
+            if self.record_latency:
+                w.sent_ns[rid] = time.monotonic_ns()
         try:
             with w.send_lock:
                 w.conn.send_bytes(wire.encode([rid, op, args]))

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 class FileDriver(BlockDriver):
     format_name = "file"
     is_protocol = True
+    thread_safe = True
 
     def __init__(self, filename: str, executor: "Executor", read_only: bool, create: bool = False) -> None:
         super().__init__(filename, executor, read_only)

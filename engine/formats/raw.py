@@ -11,6 +11,7 @@ from engine.units import round_up
 @register
 class RawDriver(BlockDriver):
     format_name = "raw"
+    thread_safe = True
 
     @classmethod
     def probe(cls, head: bytes, filename: str) -> int:
