@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from engine.block import block_status
+from engine.block import block_status_above
 from engine.cli.common import PROG, CliExit, cache_options, make_executor
 from engine.cli.main import cli
 from engine.driver import BlockDriver, Status
@@ -23,50 +23,6 @@ from engine.image import open_image
 
 IO_BUF_SIZE = 2 << 20
 SECTOR = 512
-
-
-# ---------------------------------------------------------------------------------------------------
-# block status through a backing chain (io.c: bdrv_co_block_status / bdrv_co_common_block_status_above)
-# ---------------------------------------------------------------------------------------------------
-def node_status(node: BlockDriver, offset: int, length: int) -> tuple[Status, int]:
-    """bdrv_co_block_status for one node: flags (EOF added when the run reaches the node's end), pnum.
-
-    pnum is 0 (with EOF) when ``offset`` is at or past the node's end."""
-    size = node.size()
-    if offset >= size:
-        return Status.EOF, 0
-    length = min(length, size - offset)
-    ext = block_status(node, offset, length)
-    st = Status(ext.status) & ~Status.EOF
-    pnum = max(1, min(ext.length, length))
-    if offset + pnum == size:
-        st |= Status.EOF
-    return st, pnum
-
-
-def block_status_above(top: BlockDriver, offset: int, length: int) -> tuple[Status, int]:
-    """bdrv_block_status_above(top, NULL, ...) with want_zero: status of the whole chain at ``offset``."""
-    st, pnum = node_status(top, offset, length)
-    if pnum == 0 or st & Status.ALLOCATED:
-        return st, pnum
-    eof = offset + pnum if st & Status.EOF else None
-    length = pnum
-    p = top.backing
-    while p is not None:
-        st, pnum = node_status(p, offset, length)
-        if pnum == 0:
-            # the layer is short: zeros beyond its end behave as allocated there
-            pnum = length
-            st = Status.ZERO | Status.ALLOCATED
-            break
-        if st & Status.ALLOCATED:
-            st &= ~Status.EOF
-            break
-        length = pnum
-        p = p.backing
-    if offset + pnum == eof:
-        st |= Status.EOF
-    return st, pnum
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from engine.cli.cmd_compare import block_status_above
+from engine.block import block_status_above
 from engine.cli.common import PROG, CliExit, json_dumps, make_executor, parse_o
 from engine.cli.main import cli
 from engine.driver import BlockDriver, Status
