@@ -83,7 +83,9 @@ def bench_cmd(count, depth, fmt, native, offset, bufsize, step, cache, write, qu
 
     from workers.pool import PoolExecutor, WorkerPool
 
-    pool = WorkerPool(workers, max_inflight=max(4, depth_n), wait=False)
+    from engine.cli.common import global_workers
+
+    pool = WorkerPool(workers or global_workers(), max_inflight=max(4, depth_n), wait=False)
     ex = PoolExecutor(pool)
     ex.INLINE = 0  # every data request goes to a worker: that is what is measured
     try:

@@ -32,7 +32,9 @@ def commit_cmd(fmt, cache, base_name, rate, keep_top, progress, quiet, workers, 
         die("-r is not supported by parablock yet")
     from workers.pool import PoolExecutor, WorkerPool
 
-    pool = WorkerPool(workers, wait=False)
+    from engine.cli.common import global_workers
+
+    pool = WorkerPool(workers or global_workers(), wait=False)
     ex = PoolExecutor(pool)
     top = None
     new_base = None

@@ -31,10 +31,37 @@ def die(message: str, code: int = 1) -> NoReturn:
     raise CliExit(code)
 
 
-def make_executor():
-    from workers.inproc import InProcessExecutor
+_settings: dict[str, Any] = {"workers": None}
+_pools: list[Any] = []
 
-    return InProcessExecutor()
+
+def set_global_workers(n: int | None) -> None:
+    _settings["workers"] = n
+
+
+def global_workers() -> int | None:
+    """The group-level ``parablock --workers N``: also the default of convert/commit/bench's own option."""
+    return _settings["workers"]
+
+
+def make_executor():
+    """The executor for a command: in-process by default (metadata-bound commands start faster), the
+    worker pool when ``parablock --workers N`` asked for it."""
+    n = _settings["workers"]
+    if not n:
+        from workers.inproc import InProcessExecutor
+
+        return InProcessExecutor()
+    from workers.pool import PoolExecutor, WorkerPool
+
+    pool = WorkerPool(n, wait=False)
+    _pools.append(pool)
+    return PoolExecutor(pool)
+
+
+def shutdown_pools() -> None:
+    while _pools:
+        _pools.pop().close()
 
 
 _BOOL_TRUE = {"on", "yes", "true", "1"}

@@ -17,8 +17,13 @@ from engine.errors import BlockError, os_error_text
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option("0.1.0", "-V", "--version", prog_name="parablock")
-def cli() -> None:
+@click.option("--workers", "workers", type=click.IntRange(1, 256), default=None,
+              help="run the command's I/O on N worker processes (convert, commit and bench always do)")
+def cli(workers: int | None) -> None:
     """parablock: qemu-img's commands on a multiprocess block engine."""
+    from engine.cli.common import set_global_workers
+
+    set_global_workers(workers)
 
 
 def _register() -> None:
@@ -34,7 +39,17 @@ def _register() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.cli.common import set_global_workers, shutdown_pools
+
     _register()
+    set_global_workers(None)
+    try:
+        return _run(argv)
+    finally:
+        shutdown_pools()
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name=PROG, standalone_mode=False)
     except CliExit as exc:
