@@ -306,8 +306,10 @@ class Converter:
             return self._plan_compressed(win, slot, result, skip)
         if result is None:  # no zero detection: everything is data
             runs = [[0, win.length]]
-        else:
-            runs = result
+        else:  # as qemu-img, what the sources report as zero is never written (only the target's
+            # granularity rounds it up): matters for raw and extended-L2 targets
+            zeros = [(p.offset - win.start, p.length) for p in win.pieces if p.kind == "zero"]
+            runs = _subtract_sorted(result, zeros) if zeros else result
         if skip:
             runs = _subtract(runs, skip)
             self.stats.skipped_bytes += sum(n for _, n in skip)
@@ -345,17 +347,42 @@ class Converter:
             if tgt.is_unallocated_run(vc, count):  # type: ignore[attr-defined]
                 host = tgt.alloc_data_run(vc, count)  # type: ignore[attr-defined]
                 writes.append([self.thandle, host, c0 * cs, nbytes])
-                links.append(lambda vc=vc, host=host, count=count: tgt.link_data_run(vc, host, count))  # type: ignore[attr-defined]
+                bitmaps = self._subcluster_bitmaps(runs, c0, count)
+                links.append(lambda vc=vc, host=host, count=count, bm=bitmaps:
+                             tgt.link_data_run(vc, host, count, bm))  # type: ignore[attr-defined]
                 self.stats.data_bytes += nbytes
             elif (host := tgt.host_run(vc, count)) is not None:  # type: ignore[attr-defined]
-                writes.append([self.thandle, host, c0 * cs, nbytes])  # ours alone: overwrite in place
-                self.stats.data_bytes += nbytes
+                # ours alone: overwrite in place; a zero-initialised target (preallocation=metadata,
+                # --target-is-zero) needs only the non-zero runs, as with qemu-img the rest stays a hole
+                lo, hi = c0 * cs, c0 * cs + nbytes
+                parts = ([(max(r, lo), min(r + n, hi)) for r, n in runs] if self.opts.target_zero_init
+                         else [(lo, hi)])
+                for a, b in parts:
+                    if b > a:
+                        writes.append([self.thandle, host + a - lo, a, b - a])
+                        self.stats.data_bytes += b - a
             else:  # shared, compressed or partly allocated (e.g. -n, commit): through the coordinator
                 data = bytes(self.mover.slots.slot(slot)[c0 * cs:c0 * cs + nbytes])
                 tgt.write(win.start + c0 * cs, data)
                 self.stats.fallback_bytes += nbytes
             i = j + 1
         return writes, links
+
+    def _subcluster_bitmaps(self, runs: list, c0: int, count: int) -> list[int] | None:
+        """With an extended-L2 target and no backing file, as qemu-img: only the subclusters that the
+        non-zero runs touch are allocated, the others stay unallocated (and read as zeroes)."""
+        tgt = self.target
+        if not getattr(tgt, "ext_l2", False) or self.opts.target_has_backing or tgt.backing_filename:
+            return None
+        cs = self.tcs
+        sc = cs // 32
+        lo, hi = c0 * cs, (c0 + count) * cs
+        bitmaps = [0] * count
+        for r, n in runs:
+            a, b = max(r, lo), min(r + n, hi)
+            for s in range(a // sc, (b - 1) // sc + 1) if b > a else ():
+                bitmaps[s // 32 - c0] |= 1 << (s % 32)
+        return bitmaps
 
     def _plan_compressed(self, win: _Window, slot: int, result: list, skip: list) -> tuple[list, list]:
         cs = self.tcs
@@ -408,4 +435,24 @@ def _subtract(runs: list, holes: list) -> list[list[int]]:
                     nxt.append((h + hn, b))
             segs = nxt
         out.extend([a, b - a] for a, b in segs if b > a)
+    return out
+
+
+def _subtract_sorted(runs: list, holes: list) -> list[list[int]]:
+    """Sorted, disjoint runs [[off, len]] minus sorted, disjoint holes [(off, len)], in one pass."""
+    out: list[list[int]] = []
+    j = 0
+    for r, n in runs:
+        a, b = r, r + n
+        while j < len(holes) and holes[j][0] + holes[j][1] <= a:
+            j += 1
+        k = j
+        while a < b and k < len(holes) and holes[k][0] < b:
+            h, hn = holes[k]
+            if h > a:
+                out.append([a, h - a])
+            a = max(a, h + hn)
+            k += 1
+        if a < b:
+            out.append([a, b - a])
     return out

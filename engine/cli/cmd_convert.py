@@ -1,8 +1,9 @@
 """``parablock convert`` — qemu-img convert on the worker pool.
 
-Same options and messages as qemu-img 7.2 (``-f -O -o -c -B -F -n -m -W -S -p -q -t -T -l -s
+Same options and messages as qemu-img 7.2 (``-f -O -o -c -B -F -n -m -W -S -p -q -t -T -l
 --target-is-zero``, several sources concatenated), plus ``--workers N``.  Deliberate differences:
-``-C`` (copy offloading) is accepted and ignored; ``-r`` (rate) is refused until job rate limits land.
+``-C`` (copy offloading) is accepted and ignored; ``-r`` (rate) is refused until job rate limits land;
+``-s ID`` (removed from qemu-img before 7.2, which rejects it) is still accepted as ``-l ID``.
 """
 from __future__ import annotations
 
@@ -63,6 +64,41 @@ class Progress:
             print()
 
 
+def _parse_snapshot_opts(text: str) -> tuple[str | None, str | None]:
+    """(id, name) of ``-l snapshot.id=...,snapshot.name=...`` as QEMU's option parser reads it (``,,`` is
+    a comma, the last of repeated keys wins, a bare key means "on")."""
+    parts: list[str] = []
+    cur = ""
+    i = 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1:i + 2] == ",":
+                cur += ","
+                i += 2
+                continue
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += text[i]
+        i += 1
+    parts.append(cur)
+    vals: dict[str, str] = {}
+    for part in parts:
+        if not part:
+            continue
+        key, eq, val = part.partition("=")
+        if key not in ("snapshot.id", "snapshot.name"):
+            die(f"Invalid parameter '{key}'\nparablock: Failed in parsing snapshot param '{text}'")
+        if not eq:
+            import sys
+
+            print(f"parablock: warning: short-form boolean option '{key}' deprecated\n"
+                  f"Please use {key}=on instead", file=sys.stderr)
+            val = "on"
+        vals[key] = val
+    return vals.get("snapshot.id"), vals.get("snapshot.name")
+
+
 @cli.command("convert", context_settings={"ignore_unknown_options": False})
 @click.option("-f", "src_fmt", default=None)
 @click.option("-O", "out_fmt", default="raw")
@@ -90,8 +126,12 @@ def convert_cmd(src_fmt, out_fmt, options, compress, backing, backing_fmt, no_cr
                 out_of_order, sparse, progress, quiet, cache, src_cache, snapshot_opt, snapshot_id,
                 copy_offload, rate, force_share, target_is_zero, workers, files):
     """Convert images to another format (qemu-img convert)."""
+    # -l: "snapshot.id=ID,snapshot.name=NAME" (both must match) or a plain ID-or-name (even an empty one)
+    snapshot = snapshot_opt if snapshot_opt is not None else snapshot_id
+    snap_sel = _parse_snapshot_opts(snapshot) if snapshot is not None and snapshot.startswith("snapshot.") \
+        else None
     if len(files) < 2:
-        die("Expecting image file name")
+        die("Must specify image file name")  # qemu-img 7.2's text when there is no target name
     sources, target_name = list(files[:-1]), files[-1]
     if target_is_zero and not no_create:
         die("--target-is-zero requires use of -n flag")
@@ -99,13 +139,15 @@ def convert_cmd(src_fmt, out_fmt, options, compress, backing, backing_fmt, no_cr
         die("Cannot enable copy offloading when -c is used")
     if rate is not None:
         die("-r is not supported by parablock yet")
+    # qemu-img 7.2: cvtnum() (a bare number counts bytes), then the alignment/limit check
+    if sparse.strip().isdigit() and int(sparse) >= 1 << 63:
+        die("Invalid buffer size for sparse output specified. Must be between 0 and 9223372036854775807.")
     try:
         sparse_bytes = parse_size(sparse, default_suffix="")
     except BlockError:
-        sparse_bytes = -1
-    if sparse.isdigit():
-        sparse_bytes = int(sparse) * 512  # qemu-img: a bare -S number counts sectors
-    if sparse_bytes < 0 or sparse_bytes % 512 or sparse_bytes > 16 << 20:
+        die("Invalid buffer size for sparse output specified. You may use k, M, G, T, P or E suffixes for\n"
+            "parablock: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+    if sparse_bytes % 512 or sparse_bytes > 16 << 20:
         die("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to "
             "16777216. Select 0 to disable sparse detection (fully allocates output).")
     try:
@@ -136,16 +178,14 @@ def convert_cmd(src_fmt, out_fmt, options, compress, backing, backing_fmt, no_cr
             die("Use of backing file requires explicit backing format")
     if backing is not None and len(sources) > 1:
         die("Backing file not supported with multiple sources")  # same restriction as qemu-img
-    snapshot = snapshot_opt or snapshot_id
-    if snapshot and snapshot.startswith("snapshot.") or (snapshot and "=" in snapshot):
-        parts = dict(p.split("=", 1) for p in snapshot.split(",") if "=" in p)
-        snapshot = parts.get("snapshot.name") or parts.get("snapshot.id")
-    if snapshot and len(sources) > 1:
+    if snapshot is not None and len(sources) > 1:
         die("No support for concatenating multiple snapshot")
 
     from workers.pool import PoolExecutor, WorkerPool
 
-    pool = WorkerPool(workers, wait=False)
+    from engine.cli.common import global_workers
+
+    pool = WorkerPool(workers or global_workers(), wait=False)
     ex = PoolExecutor(pool)
     opened = []
     target = None
@@ -157,9 +197,19 @@ def convert_cmd(src_fmt, out_fmt, options, compress, backing, backing_fmt, no_cr
             except BlockError as exc:
                 die(f"Could not open '{name}': {exc.message}")
             opened.append(node)
-            if snapshot:
+            if snapshot is not None:
                 try:
-                    node.load_snapshot_readonly(snapshot)  # type: ignore[attr-defined]
+                    if snap_sel is not None:
+                        sid, sname = snap_sel
+                        found = [sn for sn in getattr(node, "snapshots", [])
+                                 if (sid is not None or sname is not None)
+                                 and (sid is None or sn.id_str == sid)
+                                 and (sname is None or sn.name == sname)]
+                        if not found:
+                            raise BlockError("Can't find snapshot")
+                        node.load_snapshot_readonly(found[0].id_str)  # type: ignore[attr-defined]
+                    else:
+                        node.load_snapshot_readonly(snapshot)  # type: ignore[attr-defined]
                 except AttributeError:
                     die("Failed to load snapshot: Operation not supported")
                 except BlockError:
@@ -185,7 +235,7 @@ def convert_cmd(src_fmt, out_fmt, options, compress, backing, backing_fmt, no_cr
         except BlockError as exc:
             die(f"Could not open '{target_name}': {exc.message}")
         if no_create and target.size() < total:
-            die(f"Target image size is too small ({target.size()} < {total})")  # noqa: E501
+            die("output file is smaller than input file")  # qemu-img 7.2's text
         zero_init = (not no_create and backing is None) or target_is_zero
         copts = ConvertOptions(compress=compress, sparse=sparse_bytes, target_has_backing=backing is not None,
                                target_zero_init=zero_init, max_inflight=max(nco, 2 * pool.nworkers),

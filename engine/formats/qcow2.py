@@ -1591,12 +1591,14 @@ class Qcow2Driver(BlockDriver):
             self._l2_for_write(l1i * self.l2_entries)
         return self._alloc_clusters(count)
 
-    def link_data_run(self, vc: int, host: int, count: int) -> None:
-        """Point guest clusters [vc, vc+count) at the host clusters from ``alloc_data_run``."""
+    def link_data_run(self, vc: int, host: int, count: int, bitmaps: list[int] | None = None) -> None:
+        """Point guest clusters [vc, vc+count) at the host clusters from ``alloc_data_run``.  With
+        extended L2, ``bitmaps`` (one per cluster) may name the subclusters that got data (default all)."""
         bitmap = L.BITMAP_ALL_ALLOC if self.ext_l2 else 0
         for i in range(count):
             table, idx = self._l2_for_write(vc + i)
-            self._set_entry(table, idx, (host + i * self.cs) | L.OFLAG_COPIED, bitmap)
+            b = bitmaps[i] if bitmaps is not None and self.ext_l2 else bitmap
+            self._set_entry(table, idx, (host + i * self.cs) | L.OFLAG_COPIED, b)
             self.l2_dirty.add(self._table_off(vc + i))
         self._maybe_evict()
 
