@@ -21,6 +21,7 @@ from engine.block import block_status, chain, chain_block_status, is_allocated_a
 from engine.driver import BlockDriver, Status
 from engine.errors import BlockError, InvalidArgument
 from engine.formats.file import FileDriver
+from ipc.ranges import subtract_sorted, touched_units
 
 MiB = 1 << 20
 
@@ -43,7 +44,7 @@ class ConvertOptions:
     target_zero_init: bool = True
     max_inflight: int = 8  # -m
     out_of_order: bool = False  # -W
-    chunk: int = 2 * MiB
+    chunk: int = 4 * MiB
 
 
 @dataclass
@@ -231,6 +232,70 @@ class Converter:
                 self.target.write_zeroes(p.offset, p.length, unmap=True)
                 self.stats.zero_bytes += p.length
 
+    def _fast_plan(self, win: _Window) -> tuple[list, list] | None:
+        """The one-trip plan for a window, when the target can be planned before the data is seen: a
+        zero-initialised raw target, or fresh (unallocated) clusters of a zero-initialised qcow2 target.
+        Returns (worker write plan, allocations to link) or None."""
+        if self.opts.compress or not self.opts.target_zero_init or any(p.kind == "skip" for p in win.pieces):
+            return None
+        if not self.qcow2:
+            if self.opts.sparse:
+                plan = [[self.thandle, p.offset, p.offset - win.start, p.length, 0] for p in win.pieces
+                        if p.kind in ("data", "comp")]
+            else:
+                plan = [[self.thandle, win.start, 0, win.length, 0]]
+            return plan, []
+        tgt = self.target
+        cs = self.tcs
+        if self.opts.sparse:
+            clusters = sorted({c for p in win.pieces if p.kind in ("data", "comp")
+                               for c in range((p.offset - win.start) // cs,
+                                              (p.offset - win.start + p.length - 1) // cs + 1)})
+        else:
+            clusters = list(range(-(-win.length // cs)))
+        groups = []
+        i = 0
+        while i < len(clusters):
+            j = i
+            while j + 1 < len(clusters) and clusters[j + 1] == clusters[j] + 1:
+                j += 1
+            groups.append((clusters[i], j - i + 1))
+            i = j + 1
+        vc0 = win.start >> tgt.cbits  # type: ignore[attr-defined]
+        if not all(tgt.is_unallocated_run(vc0 + c0, n) for c0, n in groups):  # type: ignore[attr-defined]
+            return None
+        plan, allocs = [], []
+        for c0, n in groups:
+            host = tgt.alloc_data_run(vc0 + c0, n)  # type: ignore[attr-defined]
+            nbytes = min(n * cs, win.length - c0 * cs)
+            plan.append([self.thandle, host, c0 * cs, nbytes, cs])
+            allocs.append((c0, n, host))
+        return plan, allocs
+
+    def _finish_fast(self, win: _Window, allocs: list, runs: list) -> None:
+        """After a one-trip copy: link the clusters the worker wrote, give back the ones that were zero."""
+        tgt = self.target
+        cs = self.tcs
+        self.stats.data_bytes += sum(n for _, n in runs)
+        if not self.qcow2:
+            return
+        vc0 = win.start >> tgt.cbits  # type: ignore[attr-defined]
+        for c0, n, host in allocs:
+            written = set(touched_units(runs, c0 * cs, (c0 + n) * cs, cs))
+            k = 0
+            while k < n:
+                if k not in written:
+                    tgt.release_unlinked(host + k * cs)  # type: ignore[attr-defined]
+                    k += 1
+                    continue
+                m = k
+                while m + 1 < n and m + 1 in written:
+                    m += 1
+                count = m - k + 1
+                tgt.link_data_run(vc0 + c0 + k, host + k * cs, count,  # type: ignore[attr-defined]
+                                  self._subcluster_bitmaps(runs, c0 + k, count))
+                k = m + 1
+
     def _submit_gather(self, win: _Window):
         slot = self.mover.slots.lease()
         wire_pieces = []
@@ -245,10 +310,19 @@ class Converter:
                 wire_pieces.append(["zero", 0, 0, p.length, rel])
         compress = None
         gran = self.opts.sparse
+        try:
+            fast = self._fast_plan(win)
+        except BaseException:
+            self.mover.slots.release(slot)
+            raise
+        if fast is not None:
+            plan, allocs = fast
+            fut = self.mover.submit("copy", [slot, wire_pieces, win.length, gran, plan])
+            return ("copy", win, slot, fut, allocs)
         if self.opts.compress:
             compress = [self.target.codec, self.tcs, self.mover.slot_size // 2]  # type: ignore[attr-defined]
         fut = self.mover.submit("gather", [slot, wire_pieces, win.length, gran, compress])
-        return ("gather", win, slot, fut)
+        return ("gather", win, slot, fut, None)
 
     def _reap(self, inflight: deque, writing: deque) -> None:
         # completed writes first: they free slots and link metadata
@@ -267,12 +341,17 @@ class Converter:
                     item = cand
                     break
         inflight.remove(item)
-        _kind, win, slot, fut = item
+        kind, win, slot, fut, allocs = item
         try:
             result = fut.result()
         except BaseException:
             self.mover.slots.release(slot)
             raise
+        if kind == "copy":
+            self.mover.slots.release(slot)
+            self._finish_fast(win, allocs, result)
+            self._advance(win.length)
+            return
         writes, links = self._plan_writes(win, slot, result)
         if writes:
             wfut = self.mover.submit("scatter", [slot, writes])
@@ -309,7 +388,7 @@ class Converter:
         else:  # as qemu-img, what the sources report as zero is never written (only the target's
             # granularity rounds it up): matters for raw and extended-L2 targets
             zeros = [(p.offset - win.start, p.length) for p in win.pieces if p.kind == "zero"]
-            runs = _subtract_sorted(result, zeros) if zeros else result
+            runs = subtract_sorted(result, zeros) if zeros else result
         if skip:
             runs = _subtract(runs, skip)
             self.stats.skipped_bytes += sum(n for _, n in skip)
@@ -435,24 +514,4 @@ def _subtract(runs: list, holes: list) -> list[list[int]]:
                     nxt.append((h + hn, b))
             segs = nxt
         out.extend([a, b - a] for a, b in segs if b > a)
-    return out
-
-
-def _subtract_sorted(runs: list, holes: list) -> list[list[int]]:
-    """Sorted, disjoint runs [[off, len]] minus sorted, disjoint holes [(off, len)], in one pass."""
-    out: list[list[int]] = []
-    j = 0
-    for r, n in runs:
-        a, b = r, r + n
-        while j < len(holes) and holes[j][0] + holes[j][1] <= a:
-            j += 1
-        k = j
-        while a < b and k < len(holes) and holes[k][0] < b:
-            h, hn = holes[k]
-            if h > a:
-                out.append([a, h - a])
-            a = max(a, h + hn)
-            k += 1
-        if a < b:
-            out.append([a, b - a])
     return out

@@ -27,7 +27,7 @@ from ipc.executor import FileStat, HostExtent
 from ipc.shm import SlotPool
 from ipc.wire import IpcError, WorkerDied
 
-DEFAULT_SLOT_SIZE = 2 << 20
+DEFAULT_SLOT_SIZE = 4 << 20
 _live_pools = 0
 _live_lock = threading.Lock()
 
@@ -46,10 +46,11 @@ def _pool_stopped() -> None:
         if _live_pools:
             return
     try:
-        from multiprocess import resource_tracker
+        from multiprocess import forkserver, resource_tracker
 
+        forkserver._forkserver._stop()
         resource_tracker._resource_tracker._stop()
-    except Exception:  # best effort: older versions keep it until exit
+    except Exception:  # best effort: older versions keep them until exit
         pass
 
 
@@ -69,6 +70,7 @@ class _Worker:
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     alive: bool = True
     ready: bool = False  # handshake done: the reader thread owns its pipe and requests may go to it
+    reaped: bool = False
 
 
 class WorkerPool:
@@ -86,7 +88,10 @@ class WorkerPool:
         self.max_inflight = max_inflight
         self.slots = SlotPool(nslots or max(4, self.nworkers * max_inflight * 2), slot_size)
         self.slot_size = slot_size
-        self._ctx = multiprocess.get_context("spawn")
+        # forkserver: one interpreter start for the whole pool (workers are forks of a server that has
+        # already imported workers.worker), instead of one per worker with spawn
+        self._ctx = multiprocess.get_context("forkserver")
+        self._ctx.set_forkserver_preload(["workers.worker"])
         self._cond = threading.Condition()
         self._next_id = 1
         self._files: dict[int, tuple[str, bool]] = {}
@@ -94,6 +99,11 @@ class WorkerPool:
         self._start_error: Exception | None = None
         self.replacements = 0
         self.record_latency = False  # per-worker request latencies (parablock bench)
+        # until the first worker is ready, requests run in the caller's thread on a worker object of our
+        # own (same ops, same slots): start-up is off the critical path of short jobs
+        self.inline_until_ready = True
+        self.inline_ops = 0
+        self._inline = None
         self.workers: list[_Worker] = []
         self._start_timeout = start_timeout
         _pool_started()
@@ -173,13 +183,21 @@ class WorkerPool:
                 w.conn.send_bytes(f)
 
     def _reap(self, w: _Worker, kill: bool = False) -> None:
-        w.alive = False
-        if kill and w.proc.is_alive():
-            w.proc.kill()
-        w.proc.join(5)
-        if w.proc.is_alive():
-            w.proc.kill()
+        """Stop and release one worker process; safe to call twice and from any thread."""
+        with self._cond:
+            w.alive = False
+            if w.reaped:
+                return
+            w.reaped = True
+        try:
+            if kill and w.proc.is_alive():
+                w.proc.kill()
             w.proc.join(5)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join(5)
+        except ValueError:  # already closed
+            pass
         try:
             w.conn.close()
         except OSError:
@@ -247,8 +265,11 @@ class WorkerPool:
             w.alive = False
             lost = list(w.inflight.values())
             w.inflight.clear()
-        w.proc.join(1)
-        code = w.proc.exitcode
+        try:
+            w.proc.join(1)
+            code = w.proc.exitcode
+        except ValueError:  # reaped meanwhile by close()
+            code = None
         for fut, op in lost:
             fut.set_exception(WorkerDied(f"worker {w.index} (pid {w.pid}) died (exit code {code}) while "
                                          f"running '{op}'"))
@@ -274,6 +295,11 @@ class WorkerPool:
         """Send ``op`` to the least-busy live worker, waiting while every worker is at max_inflight."""
         fut: Future = Future()
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self.inline_until_ready and op not in ("sleep", "pid", "exit"):
+            with self._cond:
+                starting = not any(w.ready for w in self.workers) and any(w.alive for w in self.workers)
+            if starting:
+                return self._run_inline(op, args)
         with self._cond:
             while True:
                 if self._closing:
@@ -301,6 +327,26 @@ class WorkerPool:
             with self._cond:
                 if w.inflight.pop(rid, None) is not None:
                     fut.set_exception(WorkerDied(f"worker {w.index} (pid {w.pid}) is gone; '{op}' not sent"))
+        return fut
+
+    def _inline_worker(self):
+        if self._inline is None:
+            from workers.worker import Worker
+
+            self._inline = Worker(self.slots)
+            with self._cond:
+                files = dict(self._files)
+            for handle, (path, writable) in files.items():
+                self._inline.run("open", [handle, path, writable])
+        return self._inline
+
+    def _run_inline(self, op: str, args: list) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(self._inline_worker().run(op, args))
+        except Exception as exc:  # same error records as a worker would send
+            fut.set_exception(wire.rebuild_error(wire.error_record(exc)))
+        self.inline_ops += 1
         return fut
 
     def call(self, op: str, *args: Any, timeout: float | None = 300.0) -> Any:
@@ -334,11 +380,15 @@ class WorkerPool:
     def register_file(self, handle: int, path: str, writable: bool) -> None:
         with self._cond:
             self._files[handle] = (path, writable)
+        if self._inline is not None:
+            self._inline.run("open", [handle, path, writable])
         self.broadcast("open", handle, path, writable)
 
     def unregister_file(self, handle: int) -> None:
         with self._cond:
             self._files.pop(handle, None)
+        if self._inline is not None:
+            self._inline.run("close", [handle])
         self.broadcast("close", handle)
 
     # --- shutdown -------------------------------------------------------------------------------------
@@ -376,7 +426,10 @@ class WorkerPool:
         deadline = time.monotonic() + 10
         remaining = [w for w in self.workers if w.alive]
         for w in remaining:
-            w.proc.join(max(0.1, deadline - time.monotonic()))
+            try:
+                w.proc.join(max(0.1, deadline - time.monotonic()))
+            except ValueError:
+                pass
         for w in remaining:
             with self._cond:
                 lost = list(w.inflight.values())
@@ -386,6 +439,9 @@ class WorkerPool:
                     fut.set_exception(IpcError(f"worker pool shut down while running '{op}'"))
             self._reap(w, kill=True)
         self._reader.join(5)
+        if self._inline is not None:
+            self._inline.ex.close_all()
+            self._inline = None
         for t in getattr(self, "_starters", []):
             t.join(5)
         self.slots.close()

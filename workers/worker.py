@@ -12,6 +12,7 @@ import os
 import time
 
 from ipc import wire
+from ipc.ranges import subtract_sorted, touched_units
 from ipc.shm import SlotView
 from workers import codecs
 from workers.inproc import InProcessExecutor
@@ -69,6 +70,49 @@ class Worker:
                 return
             got += r
 
+    def copy(self, slot: int, pieces: list, length: int, gran: int, plan: list) -> list:
+        """One trip for a window: gather the pieces, then for each plan item ``[handle, host, slot_offset,
+        n, unit]`` find the non-zero runs of its range (minus what the source called zero) and write them
+        exactly (unit 0) or every ``unit`` they touch in full.  Only planned ranges are scanned and only
+        the pieces they need are gathered.  Returns the runs, relative to the window."""
+        view = self.slots.slot(slot)
+        spans = sorted((p[2], p[2] + p[3]) for p in plan)
+        for piece in pieces:
+            p_lo, p_hi = piece[4], piece[4] + piece[3]
+            if any(a < p_hi and p_lo < b for a, b in spans):
+                _gather_piece(self, view, piece)
+        base = slot * self.slots.slot_size
+        zeros = [[p[4], p[3]] for p in pieces if p[0] == "zero"]
+        all_runs: list = []
+        for h, host, s_off, n, unit in plan:
+            if gran:
+                # detection blocks stay aligned to the window (the image), whatever the plan range
+                lo = s_off // gran * gran
+                hi = min(-(-(s_off + n) // gran) * gran, length)
+                runs = [[lo + r, m] for r, m in find_nonzero_runs(self.slots.map, base + lo, hi - lo, gran)]
+                holes = ([[0, s_off]] if s_off else []) + zeros + [[s_off + n, length]]
+                runs = subtract_sorted(runs, sorted(holes))
+            else:
+                runs = [[s_off, n]]
+            all_runs.extend(runs)
+            fd_h = self.h(h)
+            if unit == 0:
+                for r, m in runs:
+                    self.ex.pwrite(fd_h, host + r - s_off, view[r:r + m])
+                continue
+            units = touched_units(runs, s_off, s_off + n, unit)
+            k = 0
+            while k < len(units):
+                j = k
+                while j + 1 < len(units) and units[j + 1] == units[j] + 1:
+                    j += 1
+                lo = s_off + units[k] * unit
+                hi = min(s_off + (units[j] + 1) * unit, s_off + n)
+                self.ex.pwrite(fd_h, host + lo - s_off, view[lo:hi])
+                k = j + 1
+        all_runs.sort()
+        return all_runs
+
     def gather(self, slot: int, pieces: list, length: int, gran: int, compress: list | None):
         """Assemble ``length`` bytes in ``slot`` from data, zero and compressed pieces, then either find
         the non-zero ``gran`` runs or compress cluster by cluster.
@@ -118,17 +162,10 @@ class Worker:
                 data = self.slots.slot(slot)[:length]
             ex.pwrite(self.h(h), off, data)
             return None
-        if op == "copy":
-            src, src_off, dst, dst_off, length, slot, gran = a
-            view = self.slots.slot(slot)
-            view[:length] = ex.pread(self.h(src), src_off, length)
-            runs = find_nonzero_runs(self.slots.map, slot * self.slots.slot_size, length, gran) if gran \
-                else [[0, length]]
-            for r_off, r_len in runs:
-                ex.pwrite(self.h(dst), dst_off + r_off, view[r_off:r_off + r_len])
-            return runs
         if op == "gather":
             return self.gather(*a)
+        if op == "copy":
+            return self.copy(*a)
         if op == "scatter":
             slot, writes = a
             view = self.slots.slot(slot)

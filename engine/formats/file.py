@@ -30,8 +30,13 @@ class FileDriver(BlockDriver):
             raise ImageOpenError(f"Could not open '{filename}': {os_error_text(exc)}",
                                  errno=exc.errno) from None
         self._closed = False
+        self._size: int | None = None
 
     def size(self) -> int:
+        if self.read_only:  # nobody writes through a read-only node: stat once
+            if self._size is None:
+                self._size = self.executor.stat(self.handle).size
+            return self._size
         return self.executor.stat(self.handle).size
 
     def allocated_size(self) -> int:

@@ -1591,6 +1591,10 @@ class Qcow2Driver(BlockDriver):
             self._l2_for_write(l1i * self.l2_entries)
         return self._alloc_clusters(count)
 
+    def release_unlinked(self, host: int) -> None:
+        """Give back one cluster from ``alloc_data_run`` that was never linked (its data was all zero)."""
+        self._change_rc(host // self.cs, -1)
+
     def link_data_run(self, vc: int, host: int, count: int, bitmaps: list[int] | None = None) -> None:
         """Point guest clusters [vc, vc+count) at the host clusters from ``alloc_data_run``.  With
         extended L2, ``bitmaps`` (one per cluster) may name the subclusters that got data (default all)."""

@@ -15,15 +15,21 @@ from workers import codecs
 
 def _samples():
     rng = random.Random(3)
-    words = [os.urandom(6).hex().encode() for _ in range(2000)]
-    yield b" ".join(rng.choice(words) for _ in range(9000))[:65536]
-    yield (os.urandom(5000) * 14)[:65536]  # repeats at distances > 4 KiB window: must not be referenced
-    yield bytes(65536)
-    yield os.urandom(65536)
-    yield b"".join(bytes([i % 7]) * (i % 5000 + 1) for i in range(200))[:65536]
+    words = [rng.randbytes(6).hex().encode() for _ in range(2000)]
+    return {
+        "words": b" ".join(rng.choice(words) for _ in range(9000))[:65536],
+        # repeats at a distance beyond the 4 KiB window: must not be referenced
+        "far-repeats": (rng.randbytes(5000) * 14)[:65536],
+        "zeros": bytes(65536),
+        "random": rng.randbytes(65536),
+        "runs": b"".join(bytes([i % 7]) * (i % 5000 + 1) for i in range(200))[:65536],
+    }
 
 
-@pytest.mark.parametrize("data", list(_samples()))
+SAMPLES = _samples()
+
+
+@pytest.mark.parametrize("data", list(SAMPLES.values()), ids=list(SAMPLES))
 @pytest.mark.parametrize("codec", ["zlib", "zstd"])
 def test_roundtrip_with_qemu_window(codec, data):
     out = codecs.compress(codec, data, len(data))

@@ -1,0 +1,39 @@
+"""Byte-range arithmetic shared by the coordinator's plans and the workers' ops.
+
+Layer: ipc (stdlib only, pure).  Runs are ``[offset, length]`` pairs.
+"""
+from __future__ import annotations
+
+
+def subtract_sorted(runs: list, holes: list) -> list[list[int]]:
+    """Sorted, disjoint runs minus sorted, disjoint holes, in one pass."""
+    out: list[list[int]] = []
+    j = 0
+    for r, n in runs:
+        a, b = r, r + n
+        while j < len(holes) and holes[j][0] + holes[j][1] <= a:
+            j += 1
+        k = j
+        while a < b and k < len(holes) and holes[k][0] < b:
+            h, hn = holes[k]
+            if h > a:
+                out.append([a, h - a])
+            a = max(a, h + hn)
+            k += 1
+        if a < b:
+            out.append([a, b - a])
+    return out
+
+
+def touched_units(runs: list, start: int, end: int, unit: int) -> list[int]:
+    """Indexes (relative to ``start``, in ``unit``s) of the units of [start, end) that some run touches."""
+    out: list[int] = []
+    for r, n in runs:
+        a, b = max(r, start), min(r + n, end)
+        if b <= a:
+            continue
+        first, last = (a - start) // unit, (b - 1 - start) // unit
+        if out and out[-1] >= first:
+            first = out[-1] + 1
+        out.extend(range(first, last + 1))
+    return out
