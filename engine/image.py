@@ -58,6 +58,7 @@ def open_image(filename: str, executor: "Executor", fmt: str | None = None, read
         return node
     node = cls(filename, executor, read_only)
     node.file = FileDriver(filename, executor, read_only)
+    node.file.cache_unsafe = (options or {}).get("cache") == "unsafe"
     try:
         node.open(options or {})  # type: ignore[attr-defined]
         if backing and node.supports_backing and node.backing_filename:
