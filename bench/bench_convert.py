@@ -170,6 +170,23 @@ def main() -> None:
               f" {res['parablock']['peak_pss_MiB']:.0f} MiB)  qemu-img {res['qemu-img']['median_s']:.3f}s "
               f"({res['qemu-img']['MiB_per_s']:.0f} MiB/s, {res['qemu-img']['peak_pss_MiB']:.0f} MiB)  "
               f"ratio {res['ratio_median']:.2f}  output size ratio {res['output_size_ratio']:.3f}", flush=True)
+    if "compressed-raw-qcow2" in args.cases.split(","):
+        # worker scaling on the CPU-bound case: 1 worker against 2, alternating
+        src = imgs["c"]
+        out = d / "scale.qcow2"
+        walls: dict[int, list[float]] = {1: [], 2: []}
+        for _ in range(args.pairs):
+            for n in (1, 2):
+                if out.exists():
+                    out.unlink()
+                wall, _ = run_measured([sys.executable, "-m", "engine", "convert", "--workers", str(n), "-c",
+                                        "-f", "raw", "-O", "qcow2", str(src), str(out)], env)
+                walls[n].append(wall)
+        speedup = statistics.median(walls[1]) / statistics.median(walls[2])
+        results.append({"case": "compressed-scaling", "workers_1_s": statistics.median(walls[1]),
+                        "workers_2_s": statistics.median(walls[2]), "speedup": speedup})
+        print(f"{'compressed-scaling':22s} 1 worker {statistics.median(walls[1]):.3f}s  2 workers "
+              f"{statistics.median(walls[2]):.3f}s  speedup {speedup:.2f}", flush=True)
     outdir = ROOT / "bench" / "results"
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "convert.json").write_text(json.dumps(results, indent=2))
