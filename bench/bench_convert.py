@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--dir", default="/tmp/parablock-bench")
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=",".join([*CASES, "commit"]))
     args = ap.parse_args()
     if not shutil.which("qemu-img"):
         raise SystemExit("qemu-img is needed for the side-by-side runs (apt-get install qemu-utils)")
@@ -130,11 +130,12 @@ def main() -> None:
     env["PYTHONPATH"] = str(ROOT)
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "engine"), str(ROOT / "ipc"),
                     str(ROOT / "workers")], check=False)
-    par = [sys.executable, "-m", "engine", "convert"]
-    if args.workers:
-        par += ["--workers", str(args.workers)]
+    eng = [sys.executable, "-m", "engine"] + (["--workers", str(args.workers)] if args.workers else [])
+    par = eng + ["convert"]
     results = []
     for name in args.cases.split(","):
+        if name not in CASES:
+            continue
         src_key, sfmt, extra, ofmt = CASES[name]
         src = imgs[src_key]
         out = d / f"out.{ofmt}"
@@ -170,6 +171,32 @@ def main() -> None:
               f" {res['parablock']['peak_pss_MiB']:.0f} MiB)  qemu-img {res['qemu-img']['median_s']:.3f}s "
               f"({res['qemu-img']['MiB_per_s']:.0f} MiB/s, {res['qemu-img']['peak_pss_MiB']:.0f} MiB)  "
               f"ratio {res['ratio_median']:.2f}  output size ratio {res['output_size_ratio']:.3f}", flush=True)
+    if "commit" in args.cases.split(","):
+        # commit of the 3-deep chain into its base (qemu-img commit -b): a fresh copy of the chain each run
+        work = d / "commit"
+        rows = {"parablock": [], "qemu-img": []}
+        ratios = []
+        for _ in range(args.pairs):
+            pair = {}
+            for tool in ("parablock", "qemu-img"):
+                shutil.rmtree(work, ignore_errors=True)
+                work.mkdir()
+                for name in ("base.qcow2", "mid.qcow2", "top.qcow2"):
+                    subprocess.run(["cp", "--sparse=always", str(d / name), str(work / name)], check=True)
+                cmd = (eng if tool == "parablock" else ["qemu-img"]) + \
+                    ["commit", "-q", "-b", str(work / "base.qcow2"), str(work / "top.qcow2")]
+                wall, pss = run_measured(cmd, env)
+                rows[tool].append((wall, pss))
+                pair[tool] = wall
+            ratios.append(pair["parablock"] / pair["qemu-img"])
+        res = {"case": "commit-chain", "pairs": args.pairs, "ratio_median": statistics.median(ratios)}
+        for tool, vals in rows.items():
+            res[tool] = {"median_s": statistics.median(w for w, _ in vals),
+                         "peak_pss_MiB": max(r for _, r in vals) / MiB}
+        results.append(res)
+        print(f"{'commit-chain':22s} parablock {res['parablock']['median_s']:.3f}s "
+              f"({res['parablock']['peak_pss_MiB']:.0f} MiB)  qemu-img {res['qemu-img']['median_s']:.3f}s "
+              f"({res['qemu-img']['peak_pss_MiB']:.0f} MiB)  ratio {res['ratio_median']:.2f}", flush=True)
     if "compressed-raw-qcow2" in args.cases.split(","):
         # worker scaling on the CPU-bound case: 1 worker against 2, alternating
         src = imgs["c"]
