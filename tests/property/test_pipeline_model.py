@@ -49,6 +49,7 @@ def test_concurrent_unaligned_requests_match_model(tmp_path_factory, fmt, align,
     async def run() -> None:
         graph = Graph()
         node = graph.add(driver, "n0", request_alignment=align)
+        counts = {"write": 0, "zero": 0, "read": 0}
         for batch in batches:
             batch = _disjoint(batch)
             expected_reads = {}
@@ -63,12 +64,16 @@ def test_concurrent_unaligned_requests_match_model(tmp_path_factory, fmt, align,
                 else:
                     expected_reads[len(tasks)] = bytes(model[off:off + n])
                     tasks.append(node.read(off, n))
+            for kind, *_ in batch:
+                counts[kind] += 1
+            counts["read"] += 1  # the full read below
             results = await asyncio.gather(*tasks)
             for i, want in expected_reads.items():
                 # a read of bytes no concurrent request writes sees the state before the batch
                 assert results[i] == want
             assert await node.read(0, SIZE) == bytes(model)
-        assert node.stats.write.ops >= 0
+        assert (node.stats.write.ops, node.stats.zero.ops, node.stats.read.ops) == \
+            (counts["write"], counts["zero"], counts["read"])
         node.close()
 
     asyncio.run(run())
