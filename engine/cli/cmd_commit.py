@@ -8,9 +8,9 @@ from __future__ import annotations
 import click
 
 from engine.block import chain
-from engine.cli.cmd_convert import Progress
 from engine.cli.common import die
 from engine.cli.main import cli
+from engine.cli.progress import ByteProgress
 from engine.convert import ConvertOptions, Converter
 from engine.errors import BlockError
 from engine.image import open_image
@@ -66,7 +66,7 @@ def commit_cmd(fmt, cache, base_name, rate, keep_top, progress, quiet, workers, 
         old_base.close()
         if new_base.size() < top.size():
             new_base.truncate(top.size())
-        bar = Progress(top.size(), progress and not quiet)
+        bar = ByteProgress(top.size(), progress and not quiet, "commit")
         opts = ConvertOptions(base=new_base, target_zero_init=False, max_inflight=2 * pool.nworkers)
         try:
             Converter([top], new_base, pool, opts, progress=bar).run()

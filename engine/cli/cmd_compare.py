@@ -9,7 +9,6 @@ progress go to stdout, errors to stderr.
 """
 from __future__ import annotations
 
-import struct
 import sys
 
 import click
@@ -17,50 +16,13 @@ import click
 from engine.block import block_status_above
 from engine.cli.common import PROG, CliExit, cache_options, make_executor
 from engine.cli.main import cli
+from engine.cli.progress import QemuMeter as Progress
 from engine.driver import BlockDriver, Status
 from engine.errors import BlockError, os_error_text
 from engine.image import open_image
 
 IO_BUF_SIZE = 2 << 20
 SECTOR = 512
-
-
-# ---------------------------------------------------------------------------------------------------
-# qemu's progress meter (util/qemu-progress.c), with its single-precision arithmetic
-# ---------------------------------------------------------------------------------------------------
-def f32(x: float) -> float:
-    return struct.unpack("f", struct.pack("f", x))[0]
-
-
-class Progress:
-    def __init__(self, enabled: bool, min_skip: float = 2.0) -> None:
-        self.enabled = enabled
-        self.min_skip = f32(min_skip)
-        self.current = 0.0
-        self.last_print = 0.0
-
-    def print(self, delta: float, maximum: int = 100) -> None:
-        if maximum == 0:
-            current = f32(delta)
-        else:
-            current = f32(self.current + f32(f32(f32(delta) / 100) * maximum))
-        if current > 100:
-            current = 100.0
-        self.current = current
-        if (current > f32(self.last_print + self.min_skip) or current < f32(self.last_print - self.min_skip)
-                or current == 0 or current == 100):
-            self.last_print = self.current
-            if self.enabled:
-                sys.stdout.write("    (%3.2f/100%%)\r" % self.current)
-                sys.stdout.flush()
-
-    def step(self, chunk: int, base: int) -> None:
-        self.print(f32(f32(f32(float(chunk)) / f32(float(base))) * 100), 100)
-
-    def end(self) -> None:
-        if self.enabled:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------------------------------

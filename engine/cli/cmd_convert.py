@@ -13,55 +13,12 @@ import click
 
 from engine.cli.common import die, parse_o
 from engine.cli.main import cli
+from engine.cli.progress import ByteProgress
 from engine.convert import ConvertOptions, Converter
 from engine.driver import driver_class
 from engine.errors import BlockError, ImageOpenError
 from engine.image import create_image, open_image, path_combine
 from engine.units import parse_size
-
-
-class Progress:
-    """qemu-img's ``-p`` meter when not on a terminal; a tqdm bar with rate and ETA when on one."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total = max(1, total)
-        self.enabled = enabled
-        self.bar = None
-        self.last = -1.0
-        if not enabled:
-            return
-        import sys
-
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
-                            dynamic_ncols=True)
-        else:
-            self._print(0.0)
-
-    def _print(self, pct: float) -> None:
-        print(f"    ({pct:.2f}/100%)", end="\r", flush=True)
-
-    def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(done - self.bar.n)
-            return
-        pct = done * 100.0 / self.total
-        if pct - self.last >= 1.0 or done >= total:
-            self.last = pct
-            self._print(pct)
-
-    def close(self) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.close()
-        else:
-            self._print(100.0)
-            print()
 
 
 def _parse_snapshot_opts(text: str) -> tuple[str | None, str | None]:
@@ -240,7 +197,7 @@ def convert_cmd(src_fmt, out_fmt, options, compress, backing, backing_fmt, no_cr
         copts = ConvertOptions(compress=compress, sparse=sparse_bytes, target_has_backing=backing is not None,
                                target_zero_init=zero_init, max_inflight=max(nco, 2 * pool.nworkers),
                                out_of_order=out_of_order)
-        bar = Progress(total, progress and not quiet)
+        bar = ByteProgress(total, progress and not quiet, "convert")
         try:
             Converter(opened, target, pool, copts, progress=bar).run()
         except BlockError as exc:

@@ -7,6 +7,7 @@ import click
 from engine.block import is_allocated_above
 from engine.cli.common import die, make_executor, opened
 from engine.cli.main import cli
+from engine.cli.progress import ByteProgress
 from engine.driver import BlockDriver
 from engine.errors import BlockError
 from engine.image import open_image, path_combine
@@ -83,21 +84,9 @@ def rebase_cmd(fmt, cache, src_cache, progress, unsafe, force_share, quiet, back
                 except BlockError as exc:
                     die(f"Could not open new backing file '{backing}': {exc.message}")
             try:
-                if new_node is not None and new_node.size() < node.size() and False:
-                    pass
-                bar = None
-                if progress and not quiet:
-                    from tqdm import tqdm
-
-                    bar = tqdm(total=node.size(), unit="B", unit_scale=True, desc="rebase")
-
-                    def report(pos, total):
-                        bar.update(pos - bar.n)
-                else:
-                    report = None
-                safe_rebase(node, new_node, report)
-                if bar is not None:
-                    bar.close()
+                bar = ByteProgress(node.size(), progress and not quiet, "rebase")
+                safe_rebase(node, new_node, bar)
+                bar.close()
             finally:
                 if new_node is not None:
                     new_node.close()
