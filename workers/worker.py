@@ -32,8 +32,15 @@ def find_nonzero_runs(buf, base: int, length: int, gran: int) -> list[list[int]]
     """[[offset, length], ...] (relative to ``base``) of the ``gran``-sized blocks of ``buf[base:base+length]``
     that are not all zero.  ``buf`` must slice to bytes (an mmap or bytes): memoryview comparison goes
     item by item and is 30x slower."""
-    runs: list[list[int]] = []
     zero = _zeros(gran)
+    full = length // gran * gran
+    if full and buf.find(zero, base, base + full) < 0:
+        # not even one zero block anywhere (aligned or not): the common case, decided in C
+        tail = length - full
+        if tail and buf[base + full:base + length] == _zeros(tail):
+            return [[0, full]]
+        return [[0, length]]
+    runs: list[list[int]] = []
     pos = 0
     while pos < length:
         n = gran if pos + gran <= length else length - pos
