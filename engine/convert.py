@@ -13,6 +13,7 @@ layout follows the guest's as with qemu-img.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -21,6 +22,7 @@ from engine.block import block_status, chain, chain_block_status, is_allocated_a
 from engine.driver import BlockDriver, Status
 from engine.errors import BlockError, InvalidArgument
 from engine.formats.file import FileDriver
+from engine.throttle import RateLimiter
 from ipc.ranges import subtract_sorted, touched_units
 
 MiB = 1 << 20
@@ -44,6 +46,7 @@ class ConvertOptions:
     target_zero_init: bool = True
     max_inflight: int = 8  # -m
     out_of_order: bool = False  # -W
+    rate: int = 0  # -r: bytes per second of data copied (0 = unlimited), QEMU's slice-based rate limit
     chunk: int = 4 * MiB
 
 
@@ -101,6 +104,9 @@ class Converter:
         if opts.compress:
             chunk = max(self.tcs, min(chunk, mover.slot_size // 2) // self.tcs * self.tcs)
         self.chunk = max(self.align, min(chunk, mover.slot_size) // self.align * self.align)
+        self._limiter = RateLimiter(opts.rate) if opts.rate else None
+        if self._limiter is not None:  # small windows keep the limit smooth at low rates
+            self.chunk = max(self.align, min(self.chunk, max(opts.rate // 10, 1) // self.align * self.align))
 
     # --- source side --------------------------------------------------------------------------------
     def _source_pieces(self, start: int, length: int, full: bool = False) -> list[_Piece]:
@@ -205,6 +211,7 @@ class Converter:
                     self._no_data_window(win)
                     self._advance(win.length)
                 else:
+                    self._rate_limit(win.length)
                     inflight.append(self._submit_gather(win))
                 while len(inflight) + len(writing) >= limit:
                     self._reap(inflight, writing)
@@ -216,6 +223,14 @@ class Converter:
             raise
         self.target.flush()
         return self.stats
+
+    def _rate_limit(self, nbytes: int) -> None:
+        """Account ``nbytes`` with the -r limiter and sleep as long as it says (ratelimit.h)."""
+        if self._limiter is None:
+            return
+        delay = self._limiter.calculate_delay(nbytes, time.monotonic_ns())
+        if delay > 0:
+            time.sleep(delay / 1e9)
 
     def _advance(self, n: int) -> None:
         self.stats.done += n

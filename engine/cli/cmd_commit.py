@@ -1,7 +1,7 @@
 """``parablock commit`` — qemu-img commit on the worker pool: copy everything allocated above the base
 into the base, then (unless ``-d`` or ``-b``) empty the top image.
 
-Deliberate difference: ``-r`` (rate) is refused until job rate limits land.
+``-r`` limits the bytes copied per second with QEMU's slice-based rate limiter.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from engine.cli.progress import ByteProgress
 from engine.convert import ConvertOptions, Converter
 from engine.errors import BlockError
 from engine.image import open_image
+from engine.units import parse_size
 
 
 @cli.command("commit")
@@ -28,8 +29,15 @@ from engine.image import open_image
 @click.argument("filename")
 def commit_cmd(fmt, cache, base_name, rate, keep_top, progress, quiet, workers, filename):
     """Commit an image's changes into its backing file (qemu-img commit)."""
+    rate_bps = 0
     if rate is not None:
-        die("-r is not supported by parablock yet")
+        try:
+            rate_bps = parse_size(rate)
+        except BlockError:
+            rate_bps = -1
+        if rate_bps <= 0:
+            die("Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for\n"
+                "parablock: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
     from workers.pool import PoolExecutor, WorkerPool
 
     from engine.cli.common import global_workers
@@ -67,7 +75,8 @@ def commit_cmd(fmt, cache, base_name, rate, keep_top, progress, quiet, workers, 
         if new_base.size() < top.size():
             new_base.truncate(top.size())
         bar = ByteProgress(top.size(), progress and not quiet, "commit")
-        opts = ConvertOptions(base=new_base, target_zero_init=False, max_inflight=2 * pool.nworkers)
+        opts = ConvertOptions(base=new_base, target_zero_init=False, max_inflight=2 * pool.nworkers,
+                              rate=rate_bps)
         try:
             Converter([top], new_base, pool, opts, progress=bar).run()
             new_base.flush()

@@ -2,7 +2,7 @@
 
 Same options and messages as qemu-img 7.2 (``-f -O -o -c -B -F -n -m -W -S -p -q -t -T -l
 --target-is-zero``, several sources concatenated), plus ``--workers N``.  Deliberate differences:
-``-C`` (copy offloading) is accepted and ignored; ``-r`` (rate) is refused until job rate limits land;
+``-C`` (copy offloading) is accepted and ignored; ``-r`` limits the bytes copied per second with QEMU's slice-based rate limiter;
 ``-s ID`` (removed from qemu-img before 7.2, which rejects it) is still accepted as ``-l ID``.
 """
 from __future__ import annotations
@@ -94,8 +94,15 @@ def convert_cmd(src_fmt, out_fmt, options, compress, backing, backing_fmt, no_cr
         die("--target-is-zero requires use of -n flag")
     if compress and copy_offload:
         die("Cannot enable copy offloading when -c is used")
+    rate_bps = 0
     if rate is not None:
-        die("-r is not supported by parablock yet")
+        try:
+            rate_bps = parse_size(rate)
+        except BlockError:
+            rate_bps = -1
+        if rate_bps <= 0:
+            die("Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for\n"
+                "parablock: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
     # qemu-img 7.2: cvtnum() (a bare number counts bytes), then the alignment/limit check
     if sparse.strip().isdigit() and int(sparse) >= 1 << 63:
         die("Invalid buffer size for sparse output specified. Must be between 0 and 9223372036854775807.")
@@ -196,7 +203,7 @@ def convert_cmd(src_fmt, out_fmt, options, compress, backing, backing_fmt, no_cr
         zero_init = (not no_create and backing is None) or target_is_zero
         copts = ConvertOptions(compress=compress, sparse=sparse_bytes, target_has_backing=backing is not None,
                                target_zero_init=zero_init, max_inflight=max(nco, 2 * pool.nworkers),
-                               out_of_order=out_of_order)
+                               out_of_order=out_of_order, rate=rate_bps)
         bar = ByteProgress(total, progress and not quiet, "convert")
         try:
             Converter(opened, target, pool, copts, progress=bar).run()
