@@ -767,7 +767,7 @@ class Qcow2Driver(BlockDriver):
                 return
             buf = bytearray(self.cs)
             buf[in_off:in_off + n] = data
-            self.file.write(host, self._trim_tail(vc, buf))
+            self.file.write(host, bytes(buf))
             table, i = self._l2_for_write(vc)
             self._set_entry(table, i, host | L.OFLAG_COPIED)
             self.l2_dirty.add(self._table_off(vc))
@@ -779,21 +779,17 @@ class Qcow2Driver(BlockDriver):
             buf[in_off:in_off + n] = data
         table, i = self._l2_for_write(vc)
         new = self._alloc_clusters(1)
-        self.file.write(new, self._trim_tail(vc, buf))
+        self.file.write(new, bytes(buf))
         self._set_entry(table, i, new | L.OFLAG_COPIED)
         self.l2_dirty.add(self._table_off(vc))
         if t in (T.NORMAL, T.ZERO_ALLOC, T.COMPRESSED):
             self._free_entry(entry)
 
-    def _trim_tail(self, vc: int, buf: bytearray) -> bytes:
-        # never write less than what the refcounted cluster needs to *start* in the file
-        return bytes(buf)
-
     def _table_off(self, vc: int) -> int:
         return self.l1[vc // self.l2_entries] & L.L1E_OFFSET_MASK
 
     def _write_cluster_ext(self, vc: int, in_off: int, data: memoryview, entry: int, bitmap: int) -> None:
-        cs, scs = self.cs, self.sc_size
+        scs = self.sc_size
         n = len(data)
         host = entry & L.L2E_OFFSET_MASK
         compressed = bool(entry & L.OFLAG_COMPRESSED)
