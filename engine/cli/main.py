@@ -1,6 +1,7 @@
 """Entry point of the ``parablock`` command (also ``python -m engine``).
 
-Each qemu-img command lives in its own module and registers itself on the click group ``cli``.  Errors
+Each qemu-img command lives in its own module and registers itself on the click group ``cli``, which
+imports only the module of the command being run.  Errors
 never escape as tracebacks: click usage errors, BlockError and OSError each become one
 ``parablock: ...`` line on stderr and qemu-img's exit code (1 unless the command defines its own).
 """
@@ -15,7 +16,26 @@ from engine.cli.common import PROG, CliExit
 from engine.errors import BlockError, os_error_text
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Commands are the modules ``engine/cli/cmd_<name>.py``; only the one being run is imported, so a
+    quick ``info`` does not pay for asyncio, the pipeline or the worker pool."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        import pkgutil
+
+        import engine.cli as pkg
+
+        return sorted(m.name[4:] for m in pkgutil.iter_modules(pkg.__path__) if m.name.startswith("cmd_"))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in self.list_commands(ctx):
+            import importlib
+
+            importlib.import_module(f"engine.cli.cmd_{name}")  # registers itself on ``cli``
+        return self.commands.get(name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option("0.1.0", "-V", "--version", prog_name="parablock")
 @click.option("--workers", "workers", type=click.IntRange(1, 256), default=None,
               help="run the command's I/O on N worker processes (convert, commit and bench always do)")
@@ -26,22 +46,9 @@ def cli(workers: int | None) -> None:
     set_global_workers(workers)
 
 
-def _register() -> None:
-    """Import every ``engine/cli/cmd_*.py``; each registers its command on ``cli``."""
-    import importlib
-    import pkgutil
-
-    import engine.cli as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name.startswith("cmd_"):
-            importlib.import_module(f"engine.cli.{mod.name}")
-
-
 def main(argv: list[str] | None = None) -> int:
     from engine.cli.common import set_global_workers, shutdown_pools
 
-    _register()
     set_global_workers(None)
     try:
         return _run(argv)
