@@ -13,7 +13,7 @@ import time
 
 import click
 
-from engine.cli.common import die
+from engine.cli.common import die, start_pool
 from engine.cli.main import cli
 from engine.errors import BlockError
 from engine.image import open_image
@@ -81,12 +81,7 @@ def bench_cmd(count, depth, fmt, native, offset, bufsize, step, cache, write, qu
         die(f"Could not open '{filename}': aio=native was specified, but it requires cache.direct=on, "
             "which was not specified.")
 
-    from workers.pool import PoolExecutor, WorkerPool
-
-    from engine.cli.common import global_workers
-
-    pool = WorkerPool(workers or global_workers(), max_inflight=max(4, depth_n), wait=False)
-    ex = PoolExecutor(pool)
+    pool, ex = start_pool(workers, max_inflight=max(4, depth_n))
     ex.INLINE = 0  # every data request goes to a worker: that is what is measured
     try:
         try:

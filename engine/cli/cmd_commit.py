@@ -8,13 +8,12 @@ from __future__ import annotations
 import click
 
 from engine.block import chain
-from engine.cli.common import die
+from engine.cli.common import die, parse_rate, start_pool
 from engine.cli.main import cli
 from engine.cli.progress import ByteProgress
 from engine.convert import ConvertOptions, Converter
 from engine.errors import BlockError
 from engine.image import open_image
-from engine.units import parse_size
 
 
 @cli.command("commit")
@@ -29,21 +28,8 @@ from engine.units import parse_size
 @click.argument("filename")
 def commit_cmd(fmt, cache, base_name, rate, keep_top, progress, quiet, workers, filename):
     """Commit an image's changes into its backing file (qemu-img commit)."""
-    rate_bps = 0
-    if rate is not None:
-        try:
-            rate_bps = parse_size(rate)
-        except BlockError:
-            rate_bps = -1
-        if rate_bps <= 0:
-            die("Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for\n"
-                "parablock: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
-    from workers.pool import PoolExecutor, WorkerPool
-
-    from engine.cli.common import global_workers
-
-    pool = WorkerPool(workers or global_workers(), wait=False)
-    ex = PoolExecutor(pool)
+    rate_bps = parse_rate(rate)
+    pool, ex = start_pool(workers)
     top = None
     new_base = None
     bar = None

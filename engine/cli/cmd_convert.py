@@ -11,7 +11,7 @@ import os
 
 import click
 
-from engine.cli.common import die, parse_o
+from engine.cli.common import die, parse_o, parse_rate, start_pool
 from engine.cli.main import cli
 from engine.cli.progress import ByteProgress
 from engine.convert import ConvertOptions, Converter
@@ -94,15 +94,7 @@ def convert_cmd(src_fmt, out_fmt, options, compress, backing, backing_fmt, no_cr
         die("--target-is-zero requires use of -n flag")
     if compress and copy_offload:
         die("Cannot enable copy offloading when -c is used")
-    rate_bps = 0
-    if rate is not None:
-        try:
-            rate_bps = parse_size(rate)
-        except BlockError:
-            rate_bps = -1
-        if rate_bps <= 0:
-            die("Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for\n"
-                "parablock: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+    rate_bps = parse_rate(rate)
     # qemu-img 7.2: cvtnum() (a bare number counts bytes), then the alignment/limit check
     if sparse.strip().isdigit() and int(sparse) >= 1 << 63:
         die("Invalid buffer size for sparse output specified. Must be between 0 and 9223372036854775807.")
@@ -145,12 +137,7 @@ def convert_cmd(src_fmt, out_fmt, options, compress, backing, backing_fmt, no_cr
     if snapshot is not None and len(sources) > 1:
         die("No support for concatenating multiple snapshot")
 
-    from workers.pool import PoolExecutor, WorkerPool
-
-    from engine.cli.common import global_workers
-
-    pool = WorkerPool(workers or global_workers(), wait=False)
-    ex = PoolExecutor(pool)
+    pool, ex = start_pool(workers)
     opened = []
     target = None
     bar = None

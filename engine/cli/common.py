@@ -59,6 +59,30 @@ def make_executor():
     return PoolExecutor(pool)
 
 
+def start_pool(workers: int | None, **kw: Any):
+    """A worker pool for a bulk command (its own ``--workers``, else ``parablock --workers``, else the CPU
+    count) whose start-up overlaps the command's metadata work; returns (pool, executor)."""
+    from workers.pool import PoolExecutor, WorkerPool
+
+    pool = WorkerPool(workers or global_workers(), wait=False, **kw)
+    return pool, PoolExecutor(pool)
+
+
+def parse_rate(rate: str | None) -> int:
+    """``-r RATE`` of convert and commit: bytes per second, 0 when not given.  Dies with qemu-img's
+    message for anything but a positive size."""
+    if rate is None:
+        return 0
+    try:
+        value = parse_size(rate)
+    except BlockError:
+        value = -1
+    if value <= 0:
+        die("Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for\n"
+            f"{PROG}: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+    return value
+
+
 def shutdown_pools() -> None:
     while _pools:
         _pools.pop().close()
