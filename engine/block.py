@@ -16,6 +16,8 @@ def block_status(node: BlockDriver, offset: int, length: int) -> Extent:
     if offset >= size:
         return Extent(Status.EOF, 0, 0, None)
     length = min(length, size - offset)
+    if node.is_filter and node.file is not None:
+        return block_status(node.file, offset, length)
     ext = node.block_status(offset, length)
     status, pnum, host, file = ext.status, max(1, min(ext.length, length)), ext.offset, ext.node
     if status & Status.RAW:

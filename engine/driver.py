@@ -48,6 +48,8 @@ class BlockDriver:
     format_name: ClassVar[str] = ""
     is_protocol: ClassVar[bool] = False
     supports_backing: ClassVar[bool] = False
+    #: passes every request to its one child (``file``); block status and chain walks look through it
+    is_filter: ClassVar[bool] = False
     #: requests may run concurrently from several threads (no metadata state of its own)
     thread_safe: ClassVar[bool] = False
 
@@ -58,6 +60,8 @@ class BlockDriver:
         self.file: BlockDriver | None = None
         self.backing: BlockDriver | None = None
         self.node_name = ""
+        #: a node of the daemon's graph: its parents do not close it (the graph does)
+        self.in_graph = False
 
     # --- probing and creation -------------------------------------------------------------------
     @classmethod
@@ -100,7 +104,7 @@ class BlockDriver:
 
     def close(self) -> None:
         for child in (self.backing, self.file):
-            if child is not None:
+            if child is not None and not child.in_graph:
                 child.close()
         self.backing = None
         self.file = None

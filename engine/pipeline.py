@@ -179,6 +179,11 @@ class BlockNode:
         self.copy_on_read = copy_on_read
         self.tracked = AsyncTrackedRequests(timeout=wait_timeout)
         self.stats = NodeStats()
+        self.wr_highest = 0
+        #: daemon bookkeeping: added by blockdev-add at top level (deletable), discard mode, cache flags
+        self.owned = False
+        self.discard_mode = "ignore"
+        self.cache = {"no-flush": False, "direct": False, "writeback": True}
         self.throttle: AsyncThrottle | None = None
         if throttle_group is not None or throttle is not None:
             group = throttle_group or f"#throttle-{node_name}"
@@ -264,6 +269,7 @@ class BlockNode:
         else:
             async with self.tracked.request(offset, length, "write"):
                 await self._driver(self.driver.write, offset, data)
+        self.wr_highest = max(self.wr_highest, offset + length)
         self.stats.account("write", length, time.monotonic_ns() - t0)
 
     async def _zero(self, offset: int, length: int, unmap: bool) -> None:
@@ -278,6 +284,7 @@ class BlockNode:
         self.driver.check_writable()
         await self._throttle(True, length)
         await self._zero(offset, length, unmap)
+        self.wr_highest = max(self.wr_highest, offset + length)
         self.stats.account("zero", length, time.monotonic_ns() - t0)
 
     async def discard(self, offset: int, length: int) -> None:

@@ -82,6 +82,21 @@ class FileDriver(BlockDriver):
             flags |= Status.EOF
         return Extent(flags, ext.length, offset, self)
 
+    def reopen(self, read_only: bool) -> None:
+        """Switch between read-only and read-write (QEMU's bdrv_reopen): a new handle replaces the old one.
+        Raises ImageOpenError (e.g. no write permission), leaving the node as it was."""
+        if read_only == self.read_only:
+            return
+        try:
+            handle = self.executor.open(self.filename, writable=not read_only)
+        except OSError as exc:
+            raise ImageOpenError(f"Could not reopen '{self.filename}': {os_error_text(exc)}",
+                                 errno=exc.errno) from None
+        old, self.handle = self.handle, handle
+        self.read_only = read_only
+        self._size = None
+        self.executor.close(old)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

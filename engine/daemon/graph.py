@@ -1,0 +1,366 @@
+"""The daemon's live node graph: blockdev-add / blockdev-del / reopen, parents and users, and the query
+shapes (query-named-block-nodes, query-blockstats), as qemu-storage-daemon 7.2 has them.
+
+Layer: engine.  Nodes are pipeline ``BlockNode``s around drivers; a driver's ``file`` and ``backing``
+point at other graph nodes' drivers (``in_graph`` drivers are never closed by a parent, the graph closes
+them).  Nodes added by blockdev-add at top level are *owned by the monitor*; inline children and chains
+opened from image headers are implicit (``#blockN``) and go away with their last parent.
+"""
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from engine.driver import BlockDriver, driver_class
+from engine.errors import BlockError, DeviceNotFound, ImageOpenError, InvalidArgument
+from engine.formats.file import FileDriver
+from engine.formats.filters import FilterDriver
+from engine.formats.null import NULL_DEFAULT_SIZE, NullDriver
+from engine.image import open_image, path_combine
+from engine.pipeline import BlockNode, Graph
+
+if TYPE_CHECKING:
+    from ipc.executor import Executor
+
+NODE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")
+FORMATS = ("raw", "qcow2")
+
+
+class DaemonGraph(Graph):
+    def __init__(self, executor: "Executor") -> None:
+        super().__init__()
+        self.executor = executor
+        #: node name -> {user key: busy text} for jobs and exports holding the node
+        self.users: dict[str, dict[str, str]] = {}
+        self.order: list[str] = []
+
+    # ------------------------------------------------------------------ lookups
+    def lookup(self, name: Any) -> BlockNode:
+        node = self.nodes.get(name) if isinstance(name, str) else None
+        if node is None:
+            raise BlockError(f"Cannot find device='{name}' nor node-name='{name}'")
+        return node
+
+    def node_of(self, driver: BlockDriver | None) -> BlockNode | None:
+        if driver is None:
+            return None
+        node = self.nodes.get(driver.node_name)
+        return node if node is not None and node.driver is driver else None
+
+    def parents(self, node: BlockNode) -> list[tuple[BlockNode, str]]:
+        out = []
+        for n in self.nodes.values():
+            if n.driver.file is node.driver:
+                out.append((n, "file"))
+            if n.driver.backing is node.driver:
+                out.append((n, "backing"))
+        return out
+
+    def is_root(self, node: BlockNode) -> bool:
+        return not self.parents(node) and not self.users.get(node.name)
+
+    def root(self, name: Any) -> BlockNode:
+        """A job's ``device``: a node without parents.  DeviceNotFound / "Need a root block node"."""
+        node = self.nodes.get(name) if isinstance(name, str) else None
+        if node is None:
+            raise DeviceNotFound(f"Cannot find device='{name}' nor node-name='{name}'")
+        if not self.is_root(node):
+            raise BlockError("Need a root block node")
+        return node
+
+    def chain(self, node: BlockNode) -> list[BlockNode]:
+        """``node`` and the graph nodes of its backing chain, top first (filters looked through)."""
+        out = []
+        cur: BlockNode | None = node
+        while cur is not None:
+            out.append(cur)
+            d = cur.driver
+            while d.is_filter and d.file is not None:
+                d = d.file
+            cur = self.node_of(d.backing)
+        return out
+
+    def add_user(self, name: str, key: str, text: str) -> None:
+        self.users.setdefault(name, {})[key] = text
+
+    def remove_user(self, name: str, key: str) -> None:
+        self.users.get(name, {}).pop(key, None)
+
+    # ------------------------------------------------------------------ blockdev-add
+    def _name_ok(self, name: str) -> None:
+        if len(name) > 31:
+            raise InvalidArgument("Node name too long")
+        if not NODE_NAME_RE.match(name):
+            raise InvalidArgument(f"Invalid node-name: '{name}'")
+        if name in self.nodes:
+            raise InvalidArgument(f"Duplicate nodes with node-name='{name}'")
+
+    def _ref(self, ref: Any, parent_ro: bool, created: list[BlockNode]) -> BlockNode:
+        if isinstance(ref, str):
+            return self.lookup(ref)
+        opts = dict(ref)
+        opts.setdefault("read-only", parent_ro)
+        return self._add(opts, False, created)
+
+    def blockdev_add(self, opts: dict[str, Any]) -> BlockNode:
+        """Create the node (and its inline children) described by BlockdevOptions ``opts``.  On any error
+        nothing stays behind.  Raises BlockError with QEMU's texts."""
+        created: list[BlockNode] = []
+        try:
+            return self._add(opts, True, created)
+        except BaseException:
+            for n in reversed(created):
+                self._drop(n)
+            raise
+
+    def _add(self, opts: dict[str, Any], top: bool, created: list[BlockNode]) -> BlockNode:
+        name = opts.get("node-name")
+        if name is None and top:
+            raise InvalidArgument("'node-name' must be specified for the root node")
+        if name is not None:
+            self._name_ok(name)
+        ro = bool(opts.get("read-only", False))
+        discard = opts.get("discard", "ignore")
+        dz = opts.get("detect-zeroes", "off")
+        if dz == "unmap" and discard != "unmap":
+            raise InvalidArgument("setting detect-zeroes to unmap is not allowed without setting discard "
+                                  "operation to unmap")
+        if opts.get("force-share") and not ro:
+            raise InvalidArgument("force-share=on can only be used with read-only images")
+        drv = opts.get("driver")
+        throttle_group = None
+        ex = self.executor
+        if drv == "file":
+            d: BlockDriver = FileDriver(opts["filename"], ex, ro)
+        elif drv in ("null-co", "null-aio"):
+            d = NullDriver(f"{drv}://", ex, ro, size=opts.get("size", NULL_DEFAULT_SIZE),
+                           read_zeroes=bool(opts.get("read-zeroes", False)),
+                           latency_ns=opts.get("latency-ns", 0), name=drv)
+        elif drv in FORMATS:
+            child = self._ref(opts["file"], ro, created)
+            d = driver_class(drv)(child.driver.filename, ex, ro)
+            d.file = child.driver
+            if drv == "raw" and (opts.get("offset") or "size" in opts):
+                d.close()
+                raise InvalidArgument("raw: 'offset' and 'size' are not supported yet")
+            try:
+                d.open({})
+            except BaseException:
+                d.file = None
+                d.close()
+                raise
+            if drv == "qcow2":
+                try:
+                    self._attach_backing(d, opts, created)
+                except BaseException:
+                    d.backing = None
+                    d.file = None
+                    d.close()
+                    raise
+        elif drv == "throttle":
+            throttle_group = opts.get("throttle-group")
+            if throttle_group not in self.groups:
+                raise InvalidArgument(f"Throttle group '{throttle_group}' does not exist")
+            child = self._ref(opts["file"], ro, created)
+            d = FilterDriver(child.driver, "throttle", ro)
+        else:
+            raise InvalidArgument(f"Driver '{drv}' is not supported by parablock yet")
+        d.in_graph = True
+        node = self.add(d, name, detect_zeroes=dz, throttle_group=throttle_group)
+        node.owned = top
+        node.discard_mode = discard
+        cache = opts.get("cache") or {}
+        node.cache = {"no-flush": bool(cache.get("no-flush", False)),
+                      "direct": bool(cache.get("direct", False)), "writeback": True}
+        self.order.append(node.name)
+        created.append(node)
+        return node
+
+    def _attach_backing(self, d: BlockDriver, opts: dict[str, Any], created: list[BlockNode]) -> None:
+        if "backing" in opts:
+            ref = opts["backing"]
+            if ref is None:
+                return
+            try:
+                d.backing = self._ref(ref, True, created).driver
+            except BlockError as exc:
+                raise BlockError(f"Could not open backing file: {exc.message}") from None
+            return
+        if not d.backing_filename:
+            return
+        path = path_combine(d.filename, d.backing_filename)
+        try:
+            chain = open_image(path, self.executor, d.backing_format, read_only=True)
+        except ImageOpenError as exc:
+            raise ImageOpenError(f"Could not open backing file: {exc.message}", errno=exc.errno) from None
+        d.backing = chain
+        # register the chain bottom-up as implicit nodes
+        drivers = []
+        cur: BlockDriver | None = chain
+        while cur is not None:
+            drivers.append(cur)
+            cur = cur.backing
+        for drv in reversed(drivers):
+            for x in (drv.file, drv):
+                if x is None:
+                    continue
+                x.in_graph = True
+                n = self.add(x, None)
+                n.owned = False
+                n.discard_mode = "ignore"
+                n.cache = {"no-flush": False, "direct": False, "writeback": True}
+                self.order.append(n.name)
+                created.append(n)
+
+    # ------------------------------------------------------------------ blockdev-del
+    def blockdev_del(self, name: str) -> None:
+        node = self.nodes.get(name)
+        if node is None:
+            raise BlockError(f"Failed to find node with node-name='{name}'")
+        users = self.users.get(name, {})
+        exports = [t for k, t in users.items() if k.startswith("export:")]
+        if exports:
+            raise BlockError(f"Node {name} is in use")
+        if not getattr(node, "owned", False):
+            raise BlockError(f"Node {name} is not owned by the monitor")
+        for parent, role in self.parents(node):
+            if role == "backing":
+                raise BlockError(f"Node '{name}' is busy: node is used as backing hd of '{parent.name}'")
+        jobs = [t for k, t in users.items() if k.startswith("job:")]
+        if jobs:
+            raise BlockError(f"Node '{name}' is busy: {jobs[0]}")
+        if self.parents(node) or users:
+            raise BlockError(f"Block device {name} is in use")
+        self._drop(node)
+
+    def _drop(self, node: BlockNode) -> None:
+        """Close ``node`` and free its implicit children that nothing else uses."""
+        d = node.driver
+        kids = [self.node_of(d.file), self.node_of(d.backing)]
+        try:
+            node.close()
+        finally:
+            if node.name in self.order:
+                self.order.remove(node.name)
+            self.users.pop(node.name, None)
+        for k in kids:
+            if k is not None and k.name in self.nodes and not getattr(k, "owned", False) \
+                    and not self.parents(k) and not self.users.get(k.name):
+                self._drop(k)
+
+    def close_all(self) -> None:
+        """Shutdown: flush and close every node, parents before children."""
+        while self.nodes:
+            progressed = False
+            for node in list(self.nodes.values()):
+                if node.name in self.nodes and not self.parents(node):
+                    try:
+                        node.close()
+                    except BlockError:
+                        pass
+                    if node.name in self.order:
+                        self.order.remove(node.name)
+                    progressed = True
+            if not progressed:  # a cycle cannot happen, but never spin
+                for node in list(self.nodes.values()):
+                    node.close()
+
+    # ------------------------------------------------------------------ reopen
+    def reopen(self, node: BlockNode, read_only: bool) -> None:
+        """Switch a format node (and its file child) between read-only and read-write."""
+        d = node.driver
+        if d.read_only == read_only:
+            return
+        f = d.file
+        if d.is_protocol:
+            d.reopen(read_only)
+            return
+        if read_only:
+            d.flush()
+        if f is not None and f.is_protocol and f.read_only != read_only:
+            f.reopen(read_only)
+        backing = d.backing
+        d.read_only = read_only
+        if hasattr(d, "h"):  # formats with metadata re-read it in the new mode
+            try:
+                d.open({})
+            except BaseException:
+                d.read_only = not read_only
+                if f is not None and f.is_protocol:
+                    f.reopen(not read_only)
+                d.open({})
+                raise
+        d.backing = backing
+
+    # ------------------------------------------------------------------ queries
+    def device_info(self, node: BlockNode, flat: bool) -> dict[str, Any]:
+        from engine.cli.cmd_info import image_info
+
+        d = node.driver
+        chain = self.chain(node)
+        img = image_info(d, d.filename)
+        if d.is_filter or d.is_protocol:
+            img.pop("format-specific", None)
+        if not flat:
+            cur, tgt = img, node
+            for below in chain[1:]:
+                sub = image_info(below.driver, below.driver.filename)
+                cur["backing-image"] = sub
+                cur, tgt = sub, below
+        out: dict[str, Any] = {
+            "iops_rd": 0, "detect_zeroes": node.detect_zeroes, "image": img, "iops_wr": 0,
+            "ro": d.read_only, "node-name": node.name,
+            "backing_file_depth": 0 if flat else len(chain) - 1, "drv": d.format_name, "iops": 0,
+            "bps_wr": 0, "write_threshold": 0}
+        if d.backing is not None and d.backing_filename:
+            out["backing_file"] = d.backing_filename
+        out.update({"encrypted": False, "bps": 0, "bps_rd": 0,
+                    "cache": dict(getattr(node, "cache", {"no-flush": False, "direct": False,
+                                                          "writeback": True})),
+                    "file": d.filename})
+        bitmaps = getattr(node, "bitmap_info", None)
+        if callable(bitmaps):
+            bl = bitmaps()
+            if bl:
+                out["dirty-bitmaps"] = bl
+        return out
+
+    def query_named(self, flat: bool) -> list[dict[str, Any]]:
+        return [self.device_info(self.nodes[n], flat) for n in reversed(self.order) if n in self.nodes]
+
+    @staticmethod
+    def _stats(node: BlockNode) -> dict[str, Any]:
+        s = node.stats
+        return {
+            "unmap_operations": s.discard.ops, "unmap_merged": 0,
+            "flush_total_time_ns": s.flush.total_time_ns, "wr_highest_offset": node.wr_highest,
+            "wr_total_time_ns": s.write.total_time_ns + s.zero.total_time_ns, "failed_wr_operations": 0,
+            "failed_rd_operations": 0, "wr_merged": 0, "wr_bytes": s.write.bytes + s.zero.bytes,
+            "timed_stats": [], "failed_unmap_operations": 0, "failed_flush_operations": 0,
+            "account_invalid": False, "rd_total_time_ns": s.read.total_time_ns,
+            "invalid_unmap_operations": 0, "flush_operations": s.flush.ops,
+            "wr_operations": s.write.ops + s.zero.ops, "unmap_bytes": s.discard.bytes, "rd_merged": 0,
+            "rd_bytes": s.read.bytes, "unmap_total_time_ns": s.discard.total_time_ns,
+            "invalid_flush_operations": 0, "account_failed": False, "rd_operations": s.read.ops,
+            "invalid_wr_operations": 0, "invalid_rd_operations": 0}
+
+    def _blockstats(self, node: BlockNode) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        child = self.node_of(node.driver.file)
+        if child is not None:
+            out["parent"] = self._blockstats(child)
+        backing = self.node_of(node.driver.backing)
+        if backing is not None:
+            out["backing"] = self._blockstats(backing)
+        out["stats"] = self._stats(node)
+        out["node-name"] = node.name
+        if node.driver.format_name == "file":
+            out["driver-specific"] = {"discard-bytes-ok": node.stats.discard.bytes,
+                                      "discard-nb-ok": node.stats.discard.ops, "driver": "file",
+                                      "discard-nb-failed": 0}
+        return out
+
+    def query_blockstats(self, query_nodes: bool) -> list[dict[str, Any]]:
+        if not query_nodes:
+            return []
+        return [self._blockstats(self.nodes[n]) for n in self.order if n in self.nodes]

@@ -1,0 +1,169 @@
+"""QMP commands that start block jobs: argument resolution in QEMU 7.2's order, with its error texts.
+
+Layer: engine.  Each handler resolves nodes, checks everything that can fail *before* a job exists (so a
+refused command leaves no job, no event and no changed byte), then creates and starts the job.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from engine.daemon.core import Daemon, QmpError, command
+from engine.errors import DeviceNotFound
+from engine.image import path_combine
+from engine.jobs.commit import CommitJob, StreamJob
+from engine.pipeline import BlockNode
+
+
+def _job_opts(a: dict[str, Any]) -> dict[str, Any]:
+    speed = a.get("speed", 0)
+    if speed < 0:
+        raise QmpError("Parameter 'speed' expects a non-negative value")
+    return {"speed": speed, "auto_finalize": a.get("auto-finalize", True),
+            "auto_dismiss": a.get("auto-dismiss", True)}
+
+
+def _node_lookup(d: Daemon, name: str) -> BlockNode:
+    node = d.graph.nodes.get(name)
+    if node is None:
+        raise QmpError(f"Cannot find device='' nor node-name='{name}'")
+    return node
+
+
+def find_backing_image(d: Daemon, top: BlockNode, name: str) -> BlockNode | None:
+    """bdrv_find_backing_image: the node below ``top`` whose overlay records ``name`` as its backing
+    file, either verbatim or resolving to the same file."""
+    chain = d.graph.chain(top)
+    for upper, lower in zip(chain, chain[1:]):
+        recorded = upper.driver.backing_filename
+        if recorded is not None and recorded == name:
+            return lower
+        want = os.path.realpath(path_combine(upper.driver.filename, name))
+        if os.path.realpath(lower.driver.filename) == want:
+            return lower
+    return None
+
+
+def _check_busy(d: Daemon, node: BlockNode) -> None:
+    for key, text in d.graph.users.get(node.name, {}).items():
+        if key.startswith("job:"):
+            raise QmpError(f"Node '{node.name}' is busy: {text}")
+
+
+def _filter_name(d: Daemon, a: dict[str, Any]) -> None:
+    name = a.get("filter-node-name")
+    if name is not None:
+        try:
+            d.graph._name_ok(name)
+        except Exception as exc:
+            raise QmpError(str(exc)) from None
+
+
+def _launch(d: Daemon, job: Any) -> None:
+    try:
+        job.setup()
+    except BaseException:
+        job.clean()
+        raise
+    d.jobs.add(job)
+    job.start()
+
+
+@command("block-commit")
+def block_commit(d: Daemon, a: dict[str, Any]) -> Any:
+    g = d.graph
+    device = a["device"]
+    node = g.nodes.get(device)
+    if node is None:
+        raise QmpError(f"Device '{device}' not found", "DeviceNotFound")
+    try:
+        bs = g.root(device)
+    except DeviceNotFound:
+        raise QmpError(f"Device '{device}' not found", "DeviceNotFound") from None
+    chain = g.chain(bs)
+    top = bs
+    if "top-node" in a and "top" in a:
+        raise QmpError("'top-node' and 'top' are mutually exclusive")
+    if "top-node" in a:
+        top = _node_lookup(d, a["top-node"])
+        if top not in chain:
+            raise QmpError(f"'{a['top-node']}' is not in this backing file chain")
+    elif a.get("top"):
+        if bs.driver.filename != a["top"]:
+            found = find_backing_image(d, bs, a["top"])
+            if found is None:
+                raise QmpError(f"Top image file {a['top']} not found")
+            top = found
+    top_chain = g.chain(top)
+    if "base-node" in a and "base" in a:
+        raise QmpError("'base-node' and 'base' are mutually exclusive")
+    if "base-node" in a:
+        base = _node_lookup(d, a["base-node"])
+        if base not in top_chain:
+            raise QmpError(f"'{a['base-node']}' is not in this backing file chain")
+    elif a.get("base"):
+        found = find_backing_image(d, top, a["base"])
+        if found is None:
+            raise QmpError(f"Can't find '{a['base']}' in the backing chain")
+        base = found
+    else:
+        base = top_chain[-1]
+    if top is base:
+        raise QmpError("cannot commit an image into itself")
+    for n in top_chain[:top_chain.index(base) + 1]:
+        _check_busy(d, n)
+    if top is bs:
+        if "backing-file" in a:
+            raise QmpError("'backing-file' specified, but 'top' is the active layer")
+        raise QmpError("Active commit (top is the active layer) is not supported by parablock yet")
+    overlay = chain[chain.index(top) - 1]
+    _check_busy(d, overlay)
+    opts = _job_opts(a)
+    job_id = d.jobs.check_new_id(a.get("job-id", ""))
+    _filter_name(d, a)
+    inter = top_chain[1:top_chain.index(base)]
+    job = CommitJob(d.jobs, job_id, g, top=top, base=base, overlay=overlay, intermediates=inter,
+                    backing_file=a.get("backing-file"), on_error=a.get("on-error", "report"), **opts)
+    _launch(d, job)
+    return {}
+
+
+@command("block-stream")
+def block_stream(d: Daemon, a: dict[str, Any]) -> Any:
+    g = d.graph
+    if "base" in a and "base-node" in a:
+        raise QmpError("'base' and 'base-node' cannot be specified at the same time")
+    if "base" in a and "bottom" in a:
+        raise QmpError("'base' and 'bottom' cannot be specified at the same time")
+    if "bottom" in a and "base-node" in a:
+        raise QmpError("'bottom' and 'base-node' cannot be specified at the same time")
+    dev = g.lookup(a["device"])
+    chain = g.chain(dev)
+    base: BlockNode | None = None
+    if "base" in a:
+        base = find_backing_image(d, dev, a["base"])
+        if base is None:
+            raise QmpError(f"Can't find '{a['base']}' in the backing chain")
+    elif "base-node" in a:
+        base = g.lookup(a["base-node"])
+        if base not in chain[1:]:
+            raise QmpError(f"Node '{a['base-node']}' is not a backing image of '{a['device']}'")
+    elif "bottom" in a:
+        bottom = g.lookup(a["bottom"])
+        if bottom not in chain[1:]:
+            raise QmpError(f"Node '{a['bottom']}' is not a backing image of '{a['device']}'")
+        i = chain.index(bottom)
+        base = chain[i + 1] if i + 1 < len(chain) else None
+    if base is None and "backing-file" in a:
+        raise QmpError("backing file specified, but streaming the entire chain")
+    end = chain.index(base) if base is not None else len(chain)
+    inter = chain[1:end]
+    for n in [dev, *inter]:
+        _check_busy(d, n)
+    opts = _job_opts(a)
+    job_id = d.jobs.check_new_id(a.get("job-id", ""))
+    _filter_name(d, a)
+    job = StreamJob(d.jobs, job_id, g, device=dev, base=base, intermediates=inter,
+                    backing_file=a.get("backing-file"), on_error=a.get("on-error", "report"), **opts)
+    _launch(d, job)
+    return {}
