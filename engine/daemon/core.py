@@ -42,6 +42,8 @@ def command(name: str, locked: bool = True) -> Callable[[Handler], Handler]:
 
 class Daemon:
     def __init__(self, executor: Any) -> None:
+        from engine.daemon import jobcmds  # noqa: F401  (registers the job-starting commands)
+
         self.executor = executor
         self.graph = DaemonGraph(executor)
         self.jobs = JobManager(self.emit)

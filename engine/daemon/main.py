@@ -23,11 +23,16 @@ class StartupError(Exception):
 
 
 def _chardev_path(opts: dict[str, Any]) -> str:
-    for cand in (opts.get("path"), (opts.get("addr") or {}).get("path"),
-                 ((opts.get("addr") or {}).get("data") or {}).get("path")):
-        if cand:
-            return cand
-    raise StartupError(f"chardev '{opts.get('id')}': only unix socket chardevs (path=...) are supported")
+    """The unix socket path of a ``--chardev socket,id=,path=,server=on,wait=off`` (ChardevBackend shape)."""
+    backend = opts.get("backend") or {}
+    data = backend.get("data") or {}
+    addr = data.get("addr") or {}
+    path = (addr.get("data") or {}).get("path") if addr.get("type") == "unix" else None
+    if backend.get("type") != "socket" or not path:
+        raise StartupError(f"chardev '{opts.get('id')}': only unix socket chardevs (path=...) are supported")
+    if data.get("server") is False:
+        raise StartupError(f"chardev '{opts.get('id')}': only server=on sockets are supported")
+    return path
 
 
 async def _setup(daemon: Daemon, cfg: Any, servers: list[Any]) -> None:
@@ -44,8 +49,7 @@ async def _setup(daemon: Daemon, cfg: Any, servers: list[Any]) -> None:
                 cid = opts.get("id")
                 if cid in chardevs:
                     raise StartupError(f"attempt to add duplicate property '{cid}' to object (type 'container')")
-                if opts.get("backend", opts.get("type", "socket")) != "socket":
-                    raise StartupError(f"chardev '{cid}': only the socket backend is supported")
+                _chardev_path(opts)
                 chardevs[cid] = opts
             elif kind == "monitor":
                 cid = opts.get("chardev")

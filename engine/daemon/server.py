@@ -145,6 +145,7 @@ class MonitorServer:
         old = os.umask(0o077)  # the socket is mode 0600: only its owner may drive the daemon
         try:
             self.server = await asyncio.start_unix_server(self._client, path=self.path)
+            os.chmod(self.path, 0o600)
         finally:
             os.umask(old)
 
@@ -156,6 +157,8 @@ class MonitorServer:
             self.clients.add(task)
         try:
             await mon.serve()
+        except asyncio.CancelledError:
+            pass
         finally:
             if mon in self.daemon.monitors:
                 self.daemon.monitors.remove(mon)
@@ -171,6 +174,11 @@ class MonitorServer:
                 pass
         for mon in list(self.daemon.monitors):
             mon.close()
+        tasks = [t for t in self.clients if not t.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
         try:
             os.unlink(self.path)
         except OSError:
