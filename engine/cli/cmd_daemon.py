@@ -23,6 +23,8 @@ def daemon_cmd(argv: tuple[str, ...]) -> None:
         cfg = parse_cmdline(list(argv))
     except CmdlineError as exc:
         die(str(exc))
+    for w in cfg.warnings:
+        click.echo(f"parablock: warning: {w}", err=True)
     if cfg.show_help:
         click.echo(__doc__.strip())
         return

@@ -55,6 +55,8 @@ async def _setup(daemon: Daemon, cfg: Any, servers: list[Any]) -> None:
                 cid = opts.get("chardev")
                 if cid not in chardevs:
                     raise StartupError(f"chardev \"{cid}\" not found")
+                if opts.get("mode", "control") != "control":
+                    raise StartupError("Only QMP is supported")
                 srv = MonitorServer(daemon, _chardev_path(chardevs[cid]))
                 await srv.start()
                 servers.append(srv)

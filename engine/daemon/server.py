@@ -140,14 +140,16 @@ class MonitorServer:
         self.clients: set[asyncio.Task] = set()
 
     async def start(self) -> None:
+        """Listen on ``path``.  The socket is made under a temporary name, set to mode 0600 (only its
+        owner may drive the daemon) and renamed into place, so a client that sees the path can connect."""
         if os.path.exists(self.path):
             os.unlink(self.path)
-        old = os.umask(0o077)  # the socket is mode 0600: only its owner may drive the daemon
-        try:
-            self.server = await asyncio.start_unix_server(self._client, path=self.path)
-            os.chmod(self.path, 0o600)
-        finally:
-            os.umask(old)
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        self.server = await asyncio.start_unix_server(self._client, path=tmp)
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, self.path)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         mon = Monitor(self.daemon, reader, writer)

@@ -1315,9 +1315,14 @@ class Qcow2Driver(BlockDriver):
         """Rewrite the backing file name and format in the header (``rebase``, ``commit``)."""
         self.check_writable()
         self.flush()
+        old = (self.h.backing_file, self.h.backing_format)
         self.h.backing_file = name or None
         self.h.backing_format = fmt if name else None
-        self._write_header()
+        try:
+            self._write_header()
+        except BaseException:  # the header on disk was not changed: neither is the one in memory
+            self.h.backing_file, self.h.backing_format = old
+            raise
         self._sync()
 
     def amend(self, opts: dict[str, Any]) -> None:
