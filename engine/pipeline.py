@@ -184,6 +184,18 @@ class BlockNode:
         self.owned = False
         self.discard_mode = "ignore"
         self.cache = {"no-flush": False, "direct": False, "writeback": True}
+        #: dirty bitmaps recording this node's writes (engine.bitmap.DirtyBitmap)
+        self.bitmaps: list[Any] = []
+        #: ``async hook(kind, offset, length, data)`` run before / after every write, zero and discard
+        #: (copy-before-write for backup; write-blocking mirror)
+        self.before_write: list[Callable[..., Any]] = []
+        self.after_write: list[Callable[..., Any]] = []
+        self.in_flight = 0
+        self._quiesce = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._open_gate = asyncio.Event()
+        self._open_gate.set()
         self.throttle: AsyncThrottle | None = None
         if throttle_group is not None or throttle is not None:
             group = throttle_group or f"#throttle-{node_name}"
@@ -213,8 +225,71 @@ class BlockNode:
         if self.throttle is not None:
             await self.throttle.admit(self.name, is_write, nbytes)
 
+    # --- in-flight accounting and drain -------------------------------------------------------------
+    async def _enter(self) -> None:
+        while self._quiesce:
+            await self._open_gate.wait()
+        self.in_flight += 1
+        self._idle.clear()
+
+    def _exit(self) -> None:
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._idle.set()
+
+    async def drain_begin(self) -> None:
+        """QEMU's bdrv_drained_begin: new requests wait, and this returns once none is in flight."""
+        self._quiesce += 1
+        self._open_gate.clear()
+        await self._idle.wait()
+
+    def drain_end(self) -> None:
+        if self._quiesce:
+            self._quiesce -= 1
+        if not self._quiesce:
+            self._open_gate.set()
+
+    def _mark_dirty(self, offset: int, length: int) -> None:
+        for bm in self.bitmaps:
+            if bm.enabled and length:
+                bm.set(offset, length)
+
+    async def _guest_write(self, kind: str, offset: int, length: int, data: bytes | None, fn: Any) -> None:
+        await self._enter()
+        try:
+            for hook in list(self.before_write):
+                await hook(kind, offset, length, data)
+            await fn
+            self._mark_dirty(offset, length)
+            for hook in list(self.after_write):
+                await hook(kind, offset, length, data)
+        finally:
+            self._exit()
+
     # --- requests -----------------------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes:
+        """Read through the pipeline.  Raises OutOfBounds, InvalidArgument, BlockError, OSError."""
+        await self._enter()
+        try:
+            return await self._do_read(offset, length)
+        finally:
+            self._exit()
+
+    async def write(self, offset: int, data: bytes) -> None:
+        """Write through the pipeline (read-modify-write for an unaligned head or tail); dirty bitmaps
+        record it and write hooks see it."""
+        self._check(offset, len(data))
+        await self._guest_write("write", offset, len(data), data, self._do_write(offset, data))
+
+    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        self._check(offset, length)
+        await self._guest_write("zero", offset, length, None, self._do_write_zeroes(offset, length, unmap))
+
+    async def discard(self, offset: int, length: int) -> None:
+        self._check(offset, length)
+        await self._guest_write("discard", offset, length, None, self._do_discard(offset, length))
+
+    async def _do_read(self, offset: int, length: int) -> bytes:
         """Read through the pipeline.  Raises OutOfBounds, InvalidArgument, BlockError, OSError."""
         t0 = time.monotonic_ns()
         self._check(offset, length)
@@ -246,7 +321,7 @@ class BlockNode:
             pos += n
         return data
 
-    async def write(self, offset: int, data: bytes) -> None:
+    async def _do_write(self, offset: int, data: bytes) -> None:
         """Write through the pipeline (read-modify-write for an unaligned head or tail)."""
         t0 = time.monotonic_ns()
         length = len(data)
@@ -278,7 +353,7 @@ class BlockNode:
         async with self.tracked.request(offset, length, "zero", serialising_align=ser):
             await self._driver(self.driver.write_zeroes, offset, length, unmap)
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+    async def _do_write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         t0 = time.monotonic_ns()
         self._check(offset, length)
         self.driver.check_writable()
@@ -287,7 +362,7 @@ class BlockNode:
         self.wr_highest = max(self.wr_highest, offset + length)
         self.stats.account("zero", length, time.monotonic_ns() - t0)
 
-    async def discard(self, offset: int, length: int) -> None:
+    async def _do_discard(self, offset: int, length: int) -> None:
         t0 = time.monotonic_ns()
         self._check(offset, length)
         self.driver.check_writable()
