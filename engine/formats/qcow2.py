@@ -15,6 +15,12 @@ Crash-safety invariants (what a crash at any point leaves is clean or leaks only
 With lazy refcounts the dirty bit is set (and flushed) before the first metadata write and refcount
 blocks are written only on close; a crash then leaves a dirty image that the next read-write open
 repairs, as QEMU does.
+
+Persistent dirty bitmaps (block/qcow2-bitmap.c): a read-write open loads them and flags them in use on
+disk (directory rewritten in place with autoclear bit 0 dropped meanwhile), so a crash leaves them
+inconsistent; every guest-visible change is recorded in the recording bitmaps before it reaches the disk
+(``_note_write``); ``store_bitmaps`` (run by ``close``) writes data, tables and a new directory to fresh
+clusters, makes them and their refcounts durable, switches the header, and only then frees the old ones.
 """
 from __future__ import annotations
 
@@ -22,15 +28,19 @@ import errno
 import struct
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any
 
+from engine.bitmap import DirtyBitmap
 from engine.driver import BlockDriver, Extent, Status, register
 from engine.errors import (BlockError, CorruptImage, ImageOpenError, InvalidArgument, NotSupported,
                            OutOfBounds)
+from engine.formats import qcow2_bitmaps as QB
 from engine.formats import qcow2_layout as L
 from engine.formats.qcow2_layout import SubclusterType as T
 from engine.units import round_up
 
+_MAX_BITMAP_MEMORY = 2 << 30  # all bitmaps of one node together (QEMU caps one at 512 MiB, not their sum)
 _CACHE_BYTES = 32 << 20  # per cache (L2 tables, refcount blocks); bounded in bytes, whatever the cluster size
 
 
@@ -92,17 +102,30 @@ class Qcow2Driver(BlockDriver):
         self._dirty_marked = False
         self._meta_prealloc: bool | None = None
         self._zcache: tuple[int, bytes] | None = None
+        self.bitmap_warnings: list[str] = []
+        if not self.read_only and h.incompatible_features & L.Incompat.DIRTY:
+            self._repair_dirty()
+            h = self.h
+        self._load_bitmap_directory()
         if not self.read_only:
-            if h.incompatible_features & L.Incompat.DIRTY:
-                self._repair_dirty()
             changed = False
-            unknown_auto = h.autoclear_features & ~int(L.Autoclear.DATA_FILE_RAW)
+            unknown_auto = h.autoclear_features & ~int(L.KNOWN_AUTOCLEAR)
             if unknown_auto:
-                # we keep no persistent bitmaps up to date (yet): the bitmaps bit goes too
-                h.autoclear_features &= int(L.Autoclear.DATA_FILE_RAW)
+                h.autoclear_features &= int(L.KNOWN_AUTOCLEAR)
+                changed = True
+            if self._bm_ignored:
+                # bitmaps a program without bitmap support may have invalidated: QEMU drops the extension
+                # (their clusters leak until ``check -r leaks``)
+                h.bitmaps_ext = None
                 changed = True
             if changed:
                 self._write_header()
+                self._sync()
+            try:
+                self._bitmaps = self._load_bitmaps()
+            except CorruptImage as exc:
+                raise ImageOpenError(exc.message) from None
+            self._bm_mark_in_use()
         self._open_done = True
 
     def _setup_geometry(self) -> None:
@@ -161,6 +184,12 @@ class Qcow2Driver(BlockDriver):
         if getattr(self, "_open_done", False) and not self.read_only and self.file is not None:
             try:
                 self.flush()
+                try:
+                    self.store_bitmaps()
+                except BlockError as exc:
+                    # as QEMU: the close goes on; the bitmaps stay flagged in use (inconsistent) on disk
+                    self.bitmap_warnings.append(f"Lost persistent bitmaps during inactivation of node "
+                                                f"'{self._node_label()}': {exc.message}")
                 if self.h.incompatible_features & L.Incompat.DIRTY:
                     self._write_refcounts()
                     self._sync()
@@ -208,30 +237,311 @@ class Qcow2Driver(BlockDriver):
         return {"type": "qcow2", "data": data}
 
     def _bitmap_list(self) -> list[dict[str, Any]] | None:
-        ext = self.h.bitmaps_ext
-        if ext is None or len(ext) < 24:
+        """The bitmap directory as ``qemu-img info`` lists it (None without bitmaps)."""
+        if not self._bm_dir:
             return None
-        if not self.h.autoclear_features & L.Autoclear.BITMAPS:
-            return None  # a program lacking bitmap support modified the file: QEMU ignores the bitmaps
-        nb, _res, dsize, doff = struct.unpack_from(">IIQQ", ext, 0)
-        if not nb or dsize > 64 << 20:
-            return None
-        buf = self.file.read(doff, dsize)
-        out = []
-        off = 0
-        for _ in range(nb):
-            if off + 24 > len(buf):
-                break
-            _toff, _tsize, flags, _typ, gbits, nsize, xsize = struct.unpack_from(">QIIBBHI", buf, off)
-            name = bytes(buf[off + 24 + xsize:off + 24 + xsize + nsize]).decode("utf-8", "replace")
-            fl = []
-            if flags & 1:
-                fl.append("in-use")
-            if flags & 2:
-                fl.append("auto")
-            out.append({"flags": fl, "name": name, "granularity": 1 << gbits})
-            off += (24 + xsize + nsize + 7) & ~7
+        return [{"flags": e.info_flags(),
+                 "name": e.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
+                 "granularity": e.granularity} for e in self._bm_dir]
+
+    # ------------------------------------------------------------------------------------------------
+    # persistent dirty bitmaps (block/qcow2-bitmap.c)
+    # ------------------------------------------------------------------------------------------------
+    def _read_padded(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``; what lies past the end of the file reads as zeros."""
+        assert self.file is not None
+        fsize = self.file.size()
+        n = max(0, min(length, fsize - offset))
+        data = bytes(self.file.read(offset, n)) if n else b""
+        return data + bytes(length - len(data))
+
+    def _load_bitmap_directory(self) -> None:
+        """Parse the bitmaps extension and directory, as QEMU does on open.
+
+        Bitmaps count only with autoclear bit 0 set (v3): otherwise a program without bitmap support
+        may have changed the disk, QEMU ignores them and a read-write open drops the extension
+        (``_bm_ignored``).  Raises ImageOpenError with QEMU's texts for a bad extension or directory."""
+        h = self.h
+        self._bm_dir: list[QB.DirEntry] = []
+        self._bm_ext: QB.BitmapsExt | None = None
+        self._bm_ignored = False
+        self._bitmaps: list[DirtyBitmap] | None = None
+        self._bm_need_in_use = False
+        if h.bitmaps_ext is None:
+            return
+        if h.version < 3 or not h.autoclear_features & L.Autoclear.BITMAPS:
+            self._bm_ignored = True
+            self.bitmap_warnings.append("a program lacking bitmap support modified this file, so all bitmaps "
+                                        "are now considered inconsistent")
+            return
+        ext = QB.parse_ext(h.bitmaps_ext, self.cs)
+        buf = self._read_padded(ext.directory_offset, ext.directory_size)
+        try:
+            self._bm_dir = QB.parse_directory(buf, ext.nb_bitmaps, self.cs, h.size)
+        except CorruptImage as exc:
+            raise ImageOpenError(exc.message) from None
+        self._bm_ext = ext
+
+    def _load_bitmaps(self) -> list[DirtyBitmap]:
+        """The directory's bitmaps with their data (QEMU's qcow2_load_dirty_bitmaps, minus the in-use
+        update).  A bitmap already in use on disk is loaded empty and inconsistent.  Raises CorruptImage
+        with QEMU's texts for a bad table or a table that does not fit the disk."""
+        out: list[DirtyBitmap] = []
+        total = 0
+        for e in self._bm_dir:
+            nbytes = QB.bitmap_bytes(self.h.size, e.granularity)
+            total += nbytes
+            if nbytes > QB.MAX_PHYS_SIZE or total > _MAX_BITMAP_MEMORY:
+                raise CorruptImage(f"Could not read bitmap '{e.name}' from image: Cannot allocate memory")
+            bm = DirtyBitmap(self.h.size, e.granularity, e.name, persistent=True, enabled=e.auto)
+            if e.in_use:
+                bm.inconsistent = True
+            else:
+                self._load_bitmap_data(e, bm)
+            bm.readonly = self.read_only
+            out.append(bm)
         return out
+
+    def _load_bitmap_table(self, e: QB.DirEntry) -> list[int]:
+        raw = self._read_padded(e.table_offset, e.table_size * 8)
+        try:
+            return QB.parse_table(raw, e.table_size, self.cs)
+        except CorruptImage:
+            raise CorruptImage(f"Could not read bitmap_table table from image for bitmap '{e.name}': "
+                               "Invalid argument") from None
+
+    def _load_bitmap_data(self, e: QB.DirEntry, bm: DirtyBitmap) -> None:
+        table = self._load_bitmap_table(e)
+        cs = self.cs
+        if e.table_size != _div_up(bm.serialized_size(), cs):
+            raise CorruptImage(f"Could not read bitmap '{e.name}' from image: Invalid argument")
+        for i, t in enumerate(table):
+            off = t & QB.TABLE_OFFSET_MASK
+            if off:
+                bm.load_disk_bytes(self._read_padded(off, cs), i * cs)
+            elif t & QB.TABLE_ALL_ONES:
+                bm.fill_disk_range(i * cs, cs)
+
+    def bitmaps(self) -> list[DirtyBitmap]:
+        """The node's dirty bitmaps: the image's persistent ones (``persistent=True``, ``enabled`` from
+        the auto flag, ``inconsistent`` when in use on disk at open, ``readonly`` on a read-only node)
+        and those added since.  Loaded on first use for a read-only node.  Raises CorruptImage (QEMU's
+        texts) when a bitmap's table or data is bad."""
+        if self._bitmaps is None:
+            self._bitmaps = self._load_bitmaps()
+        return list(self._bitmaps)
+
+    def find_bitmap(self, name: str) -> DirtyBitmap | None:
+        for bm in self.bitmaps():
+            if bm.name == name:
+                return bm
+        return None
+
+    def _bm_update_in_place(self, entries: list[QB.DirEntry]) -> None:
+        """QEMU's update_ext_header_and_dir_in_place: drop autoclear bit 0, rewrite the directory where it
+        is, then set the bit again, each step on disk before the next (a torn directory write is then
+        never trusted)."""
+        assert self._bm_ext is not None
+        h = self.h
+        data = QB.build_directory(entries)
+        if len(data) != self._bm_ext.directory_size:
+            raise CorruptImage("Can't update bitmap directory: Invalid argument")
+        h.autoclear_features &= ~int(L.Autoclear.BITMAPS)
+        self._write_header()
+        self._sync()
+        self.file.write(self._bm_ext.directory_offset, data)
+        self._sync()
+        h.autoclear_features |= int(L.Autoclear.BITMAPS)
+        self._write_header()
+        self._sync()
+        self._bm_dir = entries
+
+    def _bm_mark_in_use(self) -> None:
+        """Flag every consistent bitmap of the directory in use on disk (what a read-write open does)."""
+        self._bm_need_in_use = False
+        if self.read_only or not self._bm_dir:
+            return
+        entries = [replace(e, flags=e.flags | QB.FLAG_IN_USE) for e in self._bm_dir]
+        if entries != self._bm_dir:
+            self._bm_update_in_place(entries)
+
+    def mark_bitmaps_in_use(self) -> None:
+        """Call before changing a bitmap other than by a guest write (clear, merge) after
+        ``store_bitmaps``: the on-disk copy is flagged in use again, so a crash cannot leave it stale
+        but trusted.  Guest writes do this by themselves."""
+        if self._bm_need_in_use:
+            self._bm_mark_in_use()
+
+    def _note_write(self, offset: int, length: int) -> None:
+        """Record a guest-visible change of [offset, offset+length) in every recording bitmap (QEMU's
+        bdrv_set_dirty).  Called before the change reaches the disk."""
+        bms = self._bitmaps
+        if not bms or length <= 0:
+            return
+        if self._bm_need_in_use:
+            self._bm_mark_in_use()
+        end = min(offset + length, self.h.size)
+        if offset >= end:
+            return
+        for bm in bms:
+            if bm.enabled and not bm.readonly and bm.size >= end:
+                bm.set(offset, end - offset)
+
+    def _node_label(self) -> str:
+        return self.node_name or self.filename
+
+    def add_persistent_bitmap(self, bm: DirtyBitmap) -> None:
+        """Attach ``bm`` (its size must be the disk's) as a persistent bitmap, written to the image by
+        ``store_bitmaps`` / ``close`` (QEMU: block-dirty-bitmap-add persistent=true, then
+        qcow2_co_can_store_new_dirty_bitmap).  Raises ReadOnlyError on a read-only node, BlockError with
+        QEMU's texts ("Bitmap already exists: NAME", v2 images, granularity, size, name, count and
+        directory limits) and InvalidArgument for a nameless or wrongly sized bitmap."""
+        self.check_writable()
+        if not bm.name:
+            raise InvalidArgument("Bitmap name cannot be empty")
+        if self.find_bitmap(bm.name) is not None:
+            raise BlockError(f"Bitmap already exists: {bm.name}")
+        prefix = f"Can't make bitmap '{bm.name}' persistent in '{self._node_label()}': "
+        if self.h.version < 3:
+            raise BlockError(prefix + "Cannot store dirty bitmaps in qcow2 v2 files")
+        why = QB.constraints_error(bm.name, bm.granularity, self.h.size, self.cs)
+        if why:
+            raise BlockError(prefix + why)
+        persistent = [b for b in self.bitmaps() if b.persistent]
+        if len(persistent) + 1 > QB.MAX_BITMAPS:
+            raise BlockError(prefix + "Maximum number of persistent bitmaps is already reached")
+        dir_size = sum(QB.entry_size(len(b.name.encode("utf-8", "surrogateescape"))) for b in persistent
+                       if b.name)
+        if dir_size + QB.entry_size(len(bm.name.encode("utf-8", "surrogateescape"))) > QB.MAX_DIRECTORY_SIZE:
+            raise BlockError(prefix + "Not enough space in the bitmap directory")
+        if bm.size != self.h.size:
+            raise InvalidArgument(f"Bitmap '{bm.name}' covers {bm.size} bytes, the image {self.h.size}")
+        bm.persistent = True
+        assert self._bitmaps is not None
+        self._bitmaps.append(bm)
+
+    def remove_persistent_bitmap(self, name: str) -> None:
+        """Drop bitmap ``name`` from the node and from the image, freeing its clusters (QEMU's
+        block-dirty-bitmap-remove and qcow2_co_remove_persistent_dirty_bitmap): the new directory (or no
+        extension at all) is on disk before the old directory, table and data clusters are freed.
+        Raises BlockError when there is no such bitmap (errno ENOENT) or it is busy, ReadOnlyError on a
+        read-only node."""
+        bm = self.find_bitmap(name)
+        if bm is None:
+            raise BlockError(f"Dirty bitmap '{name}' not found", errno=errno.ENOENT)
+        if bm.busy:
+            raise BlockError(f"Bitmap '{name}' is currently in use by another operation and cannot be used")
+        self.check_writable()
+        assert self._bitmaps is not None
+        self._bitmaps.remove(bm)
+        gone = [e for e in self._bm_dir if e.name == name]
+        if not gone:
+            return
+        self.flush()
+        self._bm_switch_directory([e for e in self._bm_dir if e.name != name])
+        for e in gone:
+            self._bm_free_table(e)
+        self.flush()
+
+    def _bm_free_table(self, e: QB.DirEntry) -> None:
+        """Queue the frees of a bitmap's data clusters and table (QEMU's free_bitmap_clusters)."""
+        try:
+            table = self._load_bitmap_table(e)
+        except CorruptImage:
+            return  # QEMU gives up too: the clusters leak, which check -r leaks repairs
+        for t in table:
+            off = t & QB.TABLE_OFFSET_MASK
+            if off:
+                self._free_range(off, self.cs)
+        self._free_range(e.table_offset, e.table_size * 8)
+
+    def _bm_switch_directory(self, entries: list[QB.DirEntry]) -> None:
+        """QEMU's update_ext_header_and_dir: write ``entries`` as a new directory, make every refcount
+        and the directory durable, switch the header to it (or drop the extension and autoclear bit 0
+        when empty), then queue the old directory's clusters for freeing."""
+        h = self.h
+        old = self._bm_ext
+        new_ext: QB.BitmapsExt | None = None
+        if entries:
+            if len(entries) > QB.MAX_BITMAPS:
+                raise BlockError("Failed to update bitmap extension: Invalid argument")
+            data = QB.build_directory(entries)
+            off = self._alloc_clusters(_div_up(len(data), self.cs))
+            self.file.write(off, data)
+            new_ext = QB.BitmapsExt(len(entries), len(data), off)
+        self._write_refcounts()
+        self._sync()
+        if new_ext is not None:
+            h.bitmaps_ext = QB.build_ext(new_ext)
+            h.autoclear_features |= int(L.Autoclear.BITMAPS)
+        else:
+            h.bitmaps_ext = None
+            h.autoclear_features &= ~int(L.Autoclear.BITMAPS)
+        self._write_header()
+        self._sync()
+        self._bm_ext = new_ext
+        self._bm_dir = list(entries)
+        if old is not None and old.directory_size:
+            self._free_range(old.directory_offset, old.directory_size)
+
+    def store_bitmaps(self) -> None:
+        """Write every persistent, consistent bitmap to the image with the in-use flag cleared (QEMU's
+        qcow2_store_persistent_dirty_bitmaps).  Order: data clusters and tables (fresh clusters), their
+        refcounts, the new directory, the header pointing at it, and only then the frees of the
+        replaced directory, tables and data.  A crash at any point leaves the old or the new bitmaps,
+        with at most leaked clusters.  Bitmaps inconsistent on disk keep their old (in-use) entry.
+        No-op on a read-only node.  Raises BlockError with QEMU's texts when a bitmap breaks the
+        constraints."""
+        if self.read_only or self._bitmaps is None:
+            return
+        todo = [bm for bm in self._bitmaps if bm.persistent and not bm.inconsistent and not bm.readonly]
+        if not todo:
+            return
+        for bm in todo:
+            assert bm.name is not None
+            why = QB.constraints_error(bm.name, bm.granularity, self.h.size, self.cs)
+            if why:
+                raise BlockError(f"Bitmap '{bm.name}' doesn't satisfy the constraints: {why}")
+            if self.h.size == 0:
+                raise BlockError(f"Bitmap '{bm.name}' is too big")
+        self.flush()
+        by_name = {e.name: e for e in self._bm_dir}
+        new_entries: dict[str, QB.DirEntry] = {}
+        for bm in todo:
+            assert bm.name is not None
+            if bm.size != self.h.size:
+                bm.resize(self.h.size)
+            new_entries[bm.name] = self._bm_write_one(bm)
+        entries = [new_entries.pop(e.name, e) for e in self._bm_dir]
+        entries += list(new_entries.values())
+        dropped = [by_name[bm.name] for bm in todo if bm.name in by_name]
+        self._bm_switch_directory(entries)
+        for e in dropped:
+            self._bm_free_table(e)
+        self.flush()
+        self._bm_need_in_use = True
+
+    def _bm_write_one(self, bm: DirtyBitmap) -> QB.DirEntry:
+        """Write one bitmap's non-zero data clusters and its table to fresh clusters (store_bitmap)."""
+        cs = self.cs
+        data = bm.to_disk_bytes()
+        tsize = _div_up(len(data), cs)
+        table = [0] * tsize
+        coverage = cs * 8 * bm.granularity  # disk bytes one data cluster describes
+        pos = bm.next_dirty(0)
+        while pos >= 0:
+            i = pos // coverage
+            chunk = data[i * cs:(i + 1) * cs]
+            host = self._alloc_clusters(1)
+            self.file.write(host, chunk + bytes(cs - len(chunk)))
+            table[i] = host
+            nxt = (i + 1) * coverage
+            pos = bm.next_dirty(nxt) if nxt < bm.size else -1
+        toff = self._alloc_clusters(_div_up(tsize * 8, cs))
+        self.file.write(toff, QB.build_table(table))
+        assert bm.name is not None
+        return QB.DirEntry(toff, tsize, QB.FLAG_AUTO if bm.enabled else 0, bm.granularity.bit_length() - 1,
+                           bm.name)
 
     # ------------------------------------------------------------------------------------------------
     # L2 access
@@ -728,6 +1038,7 @@ class Qcow2Driver(BlockDriver):
 
     def write(self, offset: int, data: bytes) -> None:
         self._check_write(offset, len(data))
+        self._note_write(offset, len(data))
         pos = offset
         view = memoryview(data)
         end = offset + len(data)
@@ -844,6 +1155,7 @@ class Qcow2Driver(BlockDriver):
         cs = self.cs
         if offset % cs or (len(data) % cs and offset + len(data) != self.h.size):
             raise InvalidArgument("Compressed writes must be cluster aligned")
+        self._note_write(offset, len(data))
         pos = 0
         while pos < len(data):
             chunk = bytes(data[pos:pos + cs])
@@ -873,6 +1185,7 @@ class Qcow2Driver(BlockDriver):
         """QEMU's write-zeroes: split at subcluster alignment; each piece is zeroed through metadata when
         the format can (qcow2_co_pwrite_zeroes), else written as a zero buffer."""
         self._check_write(offset, length)
+        self._note_write(offset, length)
         gran, size = self.sc_size, self.h.size
         end = offset + length
         pieces = []
@@ -973,6 +1286,7 @@ class Qcow2Driver(BlockDriver):
     def discard(self, offset: int, length: int) -> None:
         """QEMU's qcow2 discard: whole clusters only; the guest then reads zeros (v3, or no backing file)."""
         self._check_write(offset, length)
+        self._note_write(offset, length)  # QEMU dirties the whole discarded range
         cs = self.cs
         start = round_up(offset, cs)
         end = offset + length
@@ -1012,9 +1326,16 @@ class Qcow2Driver(BlockDriver):
         if prealloc not in ("off", "metadata"):
             raise NotSupported(f"Unsupported preallocation mode '{prealloc}'")
         old = self.h.size
+        if size < old and not shrink:
+            raise InvalidArgument("Use the --shrink option to perform a shrink operation.")
+        for bm in self._bitmaps or []:
+            if bm.persistent:
+                # qcow2_truncate_bitmaps_check: every persistent bitmap must be usable to be resized
+                try:
+                    bm.check_usable(modify=True)
+                except BlockError as exc:
+                    raise NotSupported(exc.message) from None
         if size < old:
-            if not shrink:
-                raise InvalidArgument("Use the --shrink option to perform a shrink operation.")
             self._shrink(size)
         else:
             self._resize_l1(self._l1_needed(size))
@@ -1024,6 +1345,13 @@ class Qcow2Driver(BlockDriver):
             self._sync()
             if prealloc == "metadata":
                 self._preallocate(old, size)
+        self._resize_bitmaps()
+
+    def _resize_bitmaps(self) -> None:
+        """Follow a change of the virtual size (bdrv_dirty_bitmap_truncate): new areas are clean."""
+        for bm in self._bitmaps or []:
+            if bm.size != self.h.size:
+                bm.resize(self.h.size)
 
     def _l1_needed(self, size: int) -> int:
         return _div_up(size, self.cs * self.l2_entries)
@@ -1256,6 +1584,7 @@ class Qcow2Driver(BlockDriver):
             raise BlockError("Failed to load snapshot: Invalid argument", errno=errno.EINVAL)
         if sn.disk_size is not None and sn.disk_size != self.h.size:
             self.h.size = sn.disk_size
+            self._resize_bitmaps()
         needed = max(len(sn_l1), self._l1_needed(self.h.size))
         self._resize_l1(needed)
         # take the snapshot's references first, then drop the current ones (QEMU's order)
@@ -1357,7 +1686,7 @@ class Qcow2Driver(BlockDriver):
                 raise InvalidArgument("Cannot downgrade an image with extended L2 entries")
             if h.compression_type:
                 raise InvalidArgument("Cannot downgrade an image with a compression type other than zlib")
-            if h.bitmaps_ext is not None:
+            if h.bitmaps_ext is not None or any(bm.persistent for bm in self._bitmaps or []):
                 raise InvalidArgument("Cannot downgrade an image with bitmaps")
             if want_lazy != bool(h.compatible_features & L.Compat.LAZY_REFCOUNTS) or want_lazy:
                 pass
@@ -1559,11 +1888,14 @@ class Qcow2Driver(BlockDriver):
                 first = host
             elif host != first + i * self.cs:
                 return None
+        if first is not None:
+            self._note_write(vc * self.cs, count * self.cs)  # the caller overwrites these clusters in place
         return first
 
     def make_empty(self) -> None:
         """Drop every guest cluster (qemu-img commit empties the top image this way)."""
         self.check_writable()
+        self._note_write(0, self.h.size)
         for l1i, l1e in enumerate(self.l1):
             l2off = l1e & L.L1E_OFFSET_MASK
             if not l2off:
@@ -1600,6 +1932,7 @@ class Qcow2Driver(BlockDriver):
         """Point guest clusters [vc, vc+count) at the host clusters from ``alloc_data_run``.  With
         extended L2, ``bitmaps`` (one per cluster) may name the subclusters that got data (default all)."""
         bitmap = L.BITMAP_ALL_ALLOC if self.ext_l2 else 0
+        self._note_write(vc * self.cs, count * self.cs)
         for i in range(count):
             table, idx = self._l2_for_write(vc + i)
             b = bitmaps[i] if bitmaps is not None and self.ext_l2 else bitmap
@@ -1613,6 +1946,7 @@ class Qcow2Driver(BlockDriver):
         return self._alloc_bytes(clen)
 
     def link_compressed(self, vc: int, coff: int, clen: int) -> None:
+        self._note_write(vc * self.cs, self.cs)
         table, idx = self._l2_for_write(vc)
         self._set_entry(table, idx, L.encode_compressed(coff, clen, self.cbits), 0)
         self.l2_dirty.add(self._table_off(vc))

@@ -2,7 +2,8 @@
 
 Layer: engine, pure logic.  All I/O is injected as callables (``read``/``write``/``truncate``/``flush``), so
 this module never opens files and never consults a clock.  It may import only the standard library,
-:mod:`engine.formats.qcow2_layout` (on-disk structure helpers) and :mod:`engine.errors`.
+:mod:`engine.formats.qcow2_layout` and :mod:`engine.formats.qcow2_bitmaps` (pure on-disk structure helpers)
+and :mod:`engine.errors`.
 
 What it mirrors: QEMU 7.2's ``qcow2_co_check_locked`` / ``qcow2_check_refcounts`` (block/qcow2-refcount.c)
 plus ``qemu-img check``'s "repair, then check again" wrapper.  Messages are the lines QEMU prints on stderr,
@@ -29,7 +30,8 @@ from dataclasses import dataclass, field, replace
 from itertools import chain, compress, repeat
 from typing import Callable
 
-from engine.errors import CorruptImage
+from engine.errors import CorruptImage, ImageOpenError
+from engine.formats import qcow2_bitmaps as bitmaps
 from engine.formats.qcow2_layout import (
     L1E_OFFSET_MASK,
     L1E_RESERVED,
@@ -62,10 +64,6 @@ _INT_MAX = (1 << 31) - 1
 _REFT_RESERVED = 0x1FF
 _BITMAP_ALL_ALLOC = 0x00000000FFFFFFFF
 _BITMAP_ALL_ZEROES = 0xFFFFFFFF00000000
-_BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-_BME_RESERVED = 0xFF000000000001FE
-_MAX_BITMAPS = 65535
-_MAX_BITMAP_DIR = _MAX_BITMAPS * 1024
 _MAX_MESSAGES = 100_000
 _LITTLE = sys.byteorder == "little"
 _BDRV_MAX_LENGTH = (1 << 63) - (1 << 30)  # requests reaching past this fail with EIO in qemu's block layer
@@ -719,60 +717,48 @@ class _Checker:
             return True
         if any(hit(sn.l1_table_offset, sn.l1_size * 8) for sn in self.snapshots):
             return True
+        bm_ext = h.bitmaps_ext
+        if bm_ext is not None and h.autoclear_features & Autoclear.BITMAPS and len(bm_ext) == 24:
+            _nb, _res, dsize, doff = struct.unpack_from(">IIQQ", bm_ext, 0)
+            if hit(doff, dsize):
+                return True
         return any(hit(e & REFT_OFFSET_MASK, cs) for e in self.reftable if e & REFT_OFFSET_MASK)
 
     def check_bitmaps(self, res: CheckResult) -> None:
-        """qcow2_check_bitmaps_refcounts(); bitmaps count only when the autoclear bit says they are valid."""
+        """qcow2_check_bitmaps_refcounts(): the directory, every bitmap table and every data cluster count
+        once.  Bitmaps count only when autoclear bit 0 says they are valid (v3): otherwise QEMU ignores
+        the extension and its clusters are leaks."""
         h = self.h
         if h.bitmaps_ext is None or not h.autoclear_features & Autoclear.BITMAPS or h.version < 3:
             return
-        ext = h.bitmaps_ext
-        if len(ext) < 24:
+        try:
+            ext = bitmaps.parse_ext(h.bitmaps_ext, self.cs)
+        except ImageOpenError as exc:
             res.check_errors += 1
-            self.msg("ERROR bitmaps_ext: Invalid extension length")
-            raise _Fatal("Invalid argument")
-        nb, reserved, dir_size, dir_offset = struct.unpack_from(">IIQQ", ext, 0)
-        if (reserved or not nb or nb > _MAX_BITMAPS or dir_offset & (self.cs - 1)
-                or dir_size > _MAX_BITMAP_DIR):
-            res.check_errors += 1
-            self.msg("ERROR bitmaps_ext: invalid bitmaps extension")
-            raise _Fatal("Invalid argument")
-        self.inc(res, dir_offset, dir_size)
-        d = self.io.pread(dir_offset, dir_size)
-        entries = []
-        pos = 0
-        broken = False
-        while pos < dir_size:
-            if pos + 24 > dir_size or len(entries) >= nb:
-                broken = True
-                break
-            t_off, t_size, flags, btype, gran, name_size, extra = struct.unpack_from(">QIIBBHI", d, pos)
-            esize = (24 + extra + name_size + 7) & ~7
-            if pos + esize > dir_size:
-                broken = True
-                break
-            phys = t_size * self.cs
-            if (t_size == 0 or t_off == 0 or t_off % self.cs or btype != 1 or name_size > 1023
-                    or name_size == 0 or gran > 31 or gran < 9 or flags & 0xFFFFFFF8 or phys > 0x20000000
-                    or (not flags & 1 and h.size > ((phys * 8) << gran))):
-                broken = True
-                break
-            entries.append((t_off, t_size))
-            pos += esize
-        if broken or len(entries) != nb:
+            self.msg(f"ERROR {exc.message}")
+            raise _Fatal("Invalid argument") from None
+        self.inc(res, ext.directory_offset, ext.directory_size)
+        if _bad_request(ext.directory_offset, ext.directory_size):
             res.corruptions += 1
-            raise _Fatal("Invalid argument")
-        for t_off, t_size in entries:
-            self.inc(res, t_off, t_size * 8)
-            if _bad_request(t_off, t_size * 8):
+            raise _Fatal("Input/output error")
+        self.spend(ext.directory_size // 8 + 1)
+        d = self.io.pread(ext.directory_offset, ext.directory_size)
+        try:
+            entries = bitmaps.parse_directory(d, ext.nb_bitmaps, self.cs, h.size)
+        except CorruptImage:
+            res.corruptions += 1
+            raise _Fatal("Invalid argument") from None
+        for e in entries:
+            self.inc(res, e.table_offset, e.table_size * 8)
+            if _bad_request(e.table_offset, e.table_size * 8):
                 res.corruptions += 1
                 raise _Fatal("Input/output error")
-            table = self.read_table(t_off, t_size)
-            for e in compress(table, table):
-                off = e & _BME_OFFSET_MASK
-                if e & _BME_RESERVED or (off and (e & 1 or off % self.cs)):
+            table = self.read_table(e.table_offset, e.table_size)
+            for t in compress(table, table):
+                if not bitmaps.table_entry_ok(t, self.cs):
                     res.corruptions += 1
                     continue
+                off = t & bitmaps.TABLE_OFFSET_MASK
                 if off:
                     self.inc(res, off, self.cs)
 
