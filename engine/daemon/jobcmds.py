@@ -12,6 +12,7 @@ from engine.daemon.core import Daemon, QmpError, command
 from engine.errors import DeviceNotFound
 from engine.image import path_combine
 from engine.jobs.commit import CommitJob, StreamJob
+from engine.jobs.mirror import ActiveCommitJob, MirrorJob
 from engine.pipeline import BlockNode
 
 
@@ -115,7 +116,16 @@ def block_commit(d: Daemon, a: dict[str, Any]) -> Any:
     if top is bs:
         if "backing-file" in a:
             raise QmpError("'backing-file' specified, but 'top' is the active layer")
-        raise QmpError("Active commit (top is the active layer) is not supported by parablock yet")
+        opts = _job_opts(a)
+        job_id = d.jobs.check_new_id(a.get("job-id", ""))
+        _filter_name(d, a)
+        inter = top_chain[1:top_chain.index(base)]
+        policy = a.get("on-error", "report")
+        job = ActiveCommitJob(d.jobs, job_id, g, source=top, target=base, sync="top",
+                              granularity=_default_granularity(base), on_source_error=policy,
+                              on_target_error=policy, base=base, intermediates=inter, **opts)
+        _launch(d, job)
+        return {}
     overlay = chain[chain.index(top) - 1]
     _check_busy(d, overlay)
     opts = _job_opts(a)
@@ -167,3 +177,110 @@ def block_stream(d: Daemon, a: dict[str, Any]) -> Any:
                     backing_file=a.get("backing-file"), on_error=a.get("on-error", "report"), **opts)
     _launch(d, job)
     return {}
+
+
+def _default_granularity(target: BlockNode) -> int:
+    """bdrv_get_default_bitmap_granularity: the target's cluster size clamped to [4 KiB, 64 KiB]."""
+    cs = target.driver.cluster_size() if hasattr(target.driver, "cluster_size") else None
+    if not cs:
+        return 65536
+    return min(max(cs, 4096), 65536)
+
+
+def _root_any(d: Daemon, name: str) -> BlockNode:
+    """qmp_get_root_bs: any node by name that has no parents."""
+    node = d.graph.nodes.get(name)
+    if node is None:
+        raise QmpError(f"Cannot find device='{name}' nor node-name='{name}'")
+    if not d.graph.is_root(node):
+        raise QmpError("Need a root block node")
+    return node
+
+
+def _mirror_common(d: Daemon, a: dict[str, Any], source: BlockNode, target: BlockNode,
+                   set_backing: Any = None) -> Any:
+    g = d.graph
+    sync = a["sync"]
+    if sync in ("incremental", "bitmap"):
+        raise QmpError(f"Sync mode '{sync}' not supported")
+    gran = a.get("granularity", 0)
+    if gran and (gran < 512 or gran > 64 << 20):
+        raise QmpError("Parameter 'granularity' expects a value in range [512B, 64MB]")
+    if gran & (gran - 1):
+        raise QmpError("Parameter 'granularity' expects a power of 2")
+    buf_size = a.get("buf-size", 0)
+    if buf_size < 0:
+        raise QmpError("Invalid parameter 'buf-size'")
+    if source is target:
+        raise QmpError("Can't mirror node into itself")
+    replaces = None
+    if "replaces" in a:
+        replaces = g.nodes.get(a["replaces"])
+        if replaces is None:
+            raise QmpError(f"Failed to find node with node-name='{a['replaces']}'")
+    for parent, role in g.parents(target):
+        if role == "backing":
+            raise QmpError(f"Node '{target.name}' is busy: node is used as backing hd of '{parent.name}'")
+        raise QmpError(f"Block device {target.name} is in use")
+    _check_busy(d, target)
+    opts = _job_opts(a)
+    job_id = d.jobs.check_new_id(a.get("job-id", ""))
+    if source.driver.backing is None and sync == "top":
+        sync = "full"
+    job = MirrorJob(d.jobs, job_id, g, source=source, target=target, sync=sync,
+                    granularity=gran or _default_granularity(target), buf_size=buf_size,
+                    on_source_error=a.get("on-source-error", "report"),
+                    on_target_error=a.get("on-target-error", "report"), replaces=replaces,
+                    copy_mode=a.get("copy-mode", "background"), set_backing=set_backing, **opts)
+    _launch(d, job)
+    return {}
+
+
+@command("blockdev-mirror")
+def blockdev_mirror(d: Daemon, a: dict[str, Any]) -> Any:
+    source = _root_any(d, a["device"])
+    target = d.graph.lookup(a["target"])
+    _filter_name(d, a)
+    return _mirror_common(d, a, source, target)
+
+
+@command("drive-mirror")
+def drive_mirror(d: Daemon, a: dict[str, Any]) -> Any:
+    """drive-mirror: create (mode absolute-paths) or open (mode existing) the target file, then mirror."""
+    from engine.image import create_image
+
+    source = _root_any(d, a["device"])
+    sync = a["sync"]
+    mode = a.get("mode", "absolute-paths")
+    path = a["target"]
+    fmt = a.get("format")
+    if sync in ("incremental", "bitmap"):
+        raise QmpError(f"Sync mode '{sync}' not supported")
+    src_drv = source.driver
+    backing_drv = src_drv.backing if sync == "top" else None
+    if mode == "existing":
+        if not os.path.exists(path):
+            raise QmpError(f"Could not open '{path}': No such file or directory")
+    else:
+        fmt = fmt or src_drv.format_name
+        opts: dict[str, Any] = {}
+        if backing_drv is not None and fmt == "qcow2":
+            opts = {"backing_file": os.path.abspath(backing_drv.filename), "backing_fmt": backing_drv.format_name}
+        create_image(path, fmt, source.size(), d.executor, opts)
+    spec: dict[str, Any] = {"driver": fmt or "qcow2", "file": {"driver": "file", "filename": path}}
+    if fmt is None:
+        from engine.image import probe_file
+
+        spec["driver"] = probe_file(path, d.executor)
+    if spec["driver"] == "qcow2":
+        spec["backing"] = None
+    if "node-name" in a:
+        spec["node-name"] = a["node-name"]
+    created: list[BlockNode] = []
+    target = d.graph._add(spec, False, created)
+    try:
+        return _mirror_common(d, a, source, target, set_backing=backing_drv)
+    except BaseException:
+        for n in reversed(created):
+            d.graph._drop(n)
+        raise
