@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 import sys
+from typing import Any
 
 
 def f32(x: float) -> float:
@@ -82,3 +83,76 @@ class ByteProgress:
             if self.done < self.total:
                 self.meter.step(self.total - self.done, self.total)
             self.meter.end()
+
+
+class JobBars:
+    """Live display of block jobs, one tqdm bar per job (``parablock jobs --watch``, ``parablock job -p``).
+
+    ``update(infos)`` takes query-block-jobs entries (``device`` = job id, ``type``, ``status``,
+    ``offset``, ``len``, ``speed``): a new id gets a bar (its current offset is the bar's start, so the
+    rate and ETA count only what is copied while watching), a known one moves (backwards too, as a
+    mirror's dirty data can), and an id no longer listed loses its bar.  ``note(text)`` prints a line
+    above the bars.  Status and type are in the bar's description; a speed limit is its postfix.
+    """
+
+    def __init__(self, file=None, leave: bool = False, mininterval: float = 0.1) -> None:
+        self.file = file if file is not None else sys.stderr
+        self.leave = leave
+        self.mininterval = mininterval
+        self.bars: dict[str, Any] = {}
+
+    @staticmethod
+    def describe(info: dict) -> str:
+        return f"{info.get('device', '?')} [{info.get('type', '?')} {info.get('status', '?')}]"
+
+    def _new(self, info: dict):
+        from tqdm import tqdm
+
+        total = int(info.get("len") or 0) or None
+        return tqdm(total=total, initial=int(info.get("offset") or 0), unit="B", unit_scale=True,
+                    unit_divisor=1024, desc=self.describe(info), file=self.file, leave=self.leave,
+                    dynamic_ncols=True, mininterval=self.mininterval)
+
+    def update(self, infos: list[dict], prune: bool = True) -> None:
+        """Show ``infos``; with ``prune``, jobs not in ``infos`` lose their bars."""
+        seen = set()
+        for info in infos:
+            jid = str(info.get("device", "?"))
+            seen.add(jid)
+            bar = self.bars.get(jid)
+            if bar is None:
+                bar = self.bars[jid] = self._new(info)
+            total = int(info.get("len") or 0) or None
+            if bar.total != total:
+                bar.total = total
+            offset = int(info.get("offset") or 0)
+            bar.set_description_str(self.describe(info), refresh=False)
+            speed = int(info.get("speed") or 0)
+            if speed:
+                from tqdm import tqdm
+
+                bar.set_postfix_str(f"limit {tqdm.format_sizeof(speed, 'B/s', 1024)}", refresh=False)
+            else:
+                bar.set_postfix_str("", refresh=False)
+            if offset >= bar.n:
+                bar.update(offset - bar.n)
+            else:
+                bar.n = offset
+                bar.refresh()
+        if prune:
+            for jid in [j for j in self.bars if j not in seen]:
+                self.remove(jid)
+
+    def remove(self, jid: str) -> None:
+        bar = self.bars.pop(jid, None)
+        if bar is not None:
+            bar.close()
+
+    def note(self, text: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=self.file)
+
+    def close(self) -> None:
+        for jid in list(self.bars):
+            self.remove(jid)

@@ -12,6 +12,7 @@ from engine.daemon.core import Daemon, QmpError, command
 from engine.errors import DeviceNotFound
 from engine.image import path_combine
 from engine.jobs.commit import CommitJob, StreamJob
+from engine.jobs.backup import BackupJob
 from engine.jobs.mirror import ActiveCommitJob, MirrorJob
 from engine.pipeline import BlockNode
 
@@ -280,6 +281,110 @@ def drive_mirror(d: Daemon, a: dict[str, Any]) -> Any:
     target = d.graph._add(spec, False, created)
     try:
         return _mirror_common(d, a, source, target, set_backing=backing_drv)
+    except BaseException:
+        for n in reversed(created):
+            d.graph._drop(n)
+        raise
+
+
+def _backup_cluster_size(target: BlockNode) -> int:
+    """backup_calculate_cluster_size: at least 64 KiB, or the target's cluster size if larger."""
+    cs = target.driver.cluster_size() or 0
+    return max(65536, cs)
+
+
+def _find_bitmap(node: BlockNode, name: str) -> Any:
+    for bm in node.bitmaps:
+        if getattr(bm, "name", None) == name:
+            return bm
+    find = getattr(node.driver, "find_bitmap", None)
+    return find(name) if find is not None else None
+
+
+def _backup_common(d: Daemon, a: dict[str, Any], source: BlockNode, target: BlockNode,
+                   owned_target: bool = False) -> Any:
+    sync = a["sync"]
+    has_bitmap = "bitmap" in a
+    mode = a.get("bitmap-mode")
+    if sync in ("bitmap", "incremental") and not has_bitmap:
+        raise QmpError(f"must provide a valid bitmap name for '{sync}' sync mode")
+    if sync == "incremental":
+        if mode is not None and mode != "on-success":
+            raise QmpError("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'")
+        sync, mode = "bitmap", "on-success"
+    bitmap = None
+    if has_bitmap:
+        bitmap = _find_bitmap(source, a["bitmap"])
+        if bitmap is None:
+            raise QmpError(f"Bitmap '{a['bitmap']}' could not be found")
+        if mode is None:
+            raise QmpError("Bitmap sync mode must be given when providing a bitmap")
+        if getattr(bitmap, "busy", False):
+            raise QmpError(f"Bitmap '{a['bitmap']}' is currently in use by another operation and cannot be used")
+        if getattr(bitmap, "inconsistent", False):
+            raise QmpError(f"Bitmap '{a['bitmap']}' is inconsistent and cannot be used")
+        if sync == "none":
+            raise QmpError("sync mode 'none' does not produce meaningful bitmap outputs")
+        if mode == "never" and sync != "bitmap":
+            raise QmpError(f"Bitmap sync mode 'never' has no meaningful effect when combined with sync mode "
+                           f"'{sync}'")
+    elif mode is not None:
+        raise QmpError("Cannot specify bitmap sync mode without a bitmap")
+    if source is target:
+        raise QmpError("Source and target cannot be the same")
+    if source.size() != target.size():
+        raise QmpError("Source and target image have different sizes")
+    if a.get("compress") and not hasattr(target.driver, "write_compressed") or \
+            a.get("compress") and target.driver.format_name != "qcow2":
+        raise QmpError("Compression is not supported for this drive ")
+    _check_busy(d, source)
+    _check_busy(d, target)
+    opts = _job_opts(a)
+    job_id = d.jobs.check_new_id(a.get("job-id", ""))
+    _filter_name(d, a)
+    job = BackupJob(d.jobs, job_id, d.graph, source=source, target=target, sync=sync,
+                    cluster_size=_backup_cluster_size(target), bitmap=bitmap, bitmap_mode=mode,
+                    compress=bool(a.get("compress", False)), on_source_error=a.get("on-source-error", "report"),
+                    on_target_error=a.get("on-target-error", "report"), owned_target=owned_target, **opts)
+    _launch(d, job)
+    return {}
+
+
+@command("blockdev-backup")
+def blockdev_backup(d: Daemon, a: dict[str, Any]) -> Any:
+    source = d.graph.lookup(a["device"])
+    target = d.graph.lookup(a["target"])
+    return _backup_common(d, a, source, target)
+
+
+@command("drive-backup")
+def drive_backup(d: Daemon, a: dict[str, Any]) -> Any:
+    """drive-backup: create (mode absolute-paths) or open (existing) the target file, then back up."""
+    from engine.image import create_image, probe_file
+
+    source = d.graph.lookup(a["device"])
+    path = a["target"]
+    fmt = a.get("format")
+    mode = a.get("mode", "absolute-paths")
+    src_drv = source.driver
+    if mode == "existing":
+        if not os.path.exists(path):
+            raise QmpError(f"Could not open '{path}': No such file or directory")
+        fmt = fmt or probe_file(path, d.executor)
+    else:
+        fmt = fmt or src_drv.format_name
+        opts: dict[str, Any] = {}
+        backing = src_drv.backing
+        if a["sync"] == "top" and backing is not None and fmt == "qcow2":
+            opts = {"backing_file": os.path.abspath(backing.filename), "backing_fmt": backing.format_name}
+        create_image(path, fmt, source.size(), d.executor, opts)
+    spec: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": path}}
+    if fmt == "qcow2":
+        spec["backing"] = None
+    created: list[BlockNode] = []
+    target = d.graph._add(spec, False, created)
+    try:
+        return _backup_common(d, a, source, target, owned_target=True)
     except BaseException:
         for n in reversed(created):
             d.graph._drop(n)

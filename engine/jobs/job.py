@@ -275,6 +275,10 @@ class Job:
                 self.commit()
             else:
                 self.abort()
+        except Exception as exc:  # a hook failing must still conclude the job, with its error
+            if ok:
+                ok = False
+                self.ret_exc = exc
         finally:
             self.clean()
         data = {"device": self.id, "len": self.total, "offset": self.current, "speed": self.speed,

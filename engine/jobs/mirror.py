@@ -102,8 +102,8 @@ class MirrorJob(Job):
         self._kick()
 
     def clean(self) -> None:
-        if self.bitmap is not None and self.bitmap in self.source.bitmaps:
-            self.source.bitmaps.remove(self.bitmap)
+        if self.bitmap is not None:  # by identity: DirtyBitmap's == compares contents
+            self.source.bitmaps[:] = [b for b in self.source.bitmaps if b is not self.bitmap]
         if self._on_guest_write in self.source.after_write:
             self.source.after_write.remove(self._on_guest_write)
         if self.drained:
