@@ -9,13 +9,16 @@ through ``emit``.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any, Awaitable, Callable
 
-from engine.daemon.graph import DaemonGraph
+from engine.daemon.graph import DaemonGraph, qdict_ordered
 from engine.errors import BlockError
 from engine.jobs.job import Job, JobError, JobManager
 from engine.throttle import ThrottleConfig
 
+#: QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'
+ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")
 VERSION = {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "parablock"}
 
 
@@ -42,7 +45,8 @@ def command(name: str, locked: bool = True) -> Callable[[Handler], Handler]:
 
 class Daemon:
     def __init__(self, executor: Any) -> None:
-        from engine.daemon import jobcmds  # noqa: F401  (registers the job-starting commands)
+        # registers the job, bitmap, snapshot and transaction commands
+        from engine.daemon import bitmapcmds, jobcmds, txn  # noqa: F401
 
         self.executor = executor
         self.graph = DaemonGraph(executor)
@@ -111,6 +115,8 @@ class Daemon:
         if qom_type != "throttle-group":
             raise QmpError(f"Invalid parameter type for 'qom-type', expected: throttle-group"
                            if qom_type is None else f"Object type '{qom_type}' is not supported by parablock")
+        if not isinstance(oid, str) or not ID_RE.match(oid):
+            raise QmpError("Parameter 'id' expects an identifier")
         if oid in self.objects:
             raise QmpError(f"attempt to add duplicate property '{oid}' to object (type 'container')")
         try:
@@ -210,8 +216,8 @@ def _qom_get(d: Daemon, a: dict[str, Any]) -> Any:
     if obj is None:
         raise QmpError(f"Device '{a['path']}' not found", "DeviceNotFound")
     if a["property"] != "limits":
-        raise QmpError(f"Property '{a['property']}' not found")
-    return d.graph.groups[a["path"]].group.limits()
+        raise QmpError(f"Property 'throttle-group.{a['property']}' not found")
+    return qdict_ordered(d.graph.groups[a["path"]].group.limits())
 
 
 @command("qom-set")
@@ -220,7 +226,7 @@ def _qom_set(d: Daemon, a: dict[str, Any]) -> Any:
     if obj is None:
         raise QmpError(f"Device '{a['path']}' not found", "DeviceNotFound")
     if a["property"] != "limits":
-        raise QmpError(f"Property '{a['property']}' not found")
+        raise QmpError(f"Property 'throttle-group.{a['property']}' not found")
     group = d.graph.groups[a["path"]].group
     try:
         cfg = group.config.with_limits(a["value"] or {}, prefix="limits.")

@@ -8,6 +8,8 @@ opened from image headers are implicit (``#blockN``) and go away with their last
 """
 from __future__ import annotations
 
+import json
+import random
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,25 @@ if TYPE_CHECKING:
 
 NODE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")
 FORMATS = ("raw", "qcow2")
+#: options QEMU's null driver counts as "strong" (they force a json: pseudo-filename); latency-ns is not
+NULL_STRONG_OPTS = ("size", "read-zeroes")
+DEFAULT_CACHE = {"no-flush": False, "direct": False, "writeback": True}
+
+
+def _qdict_hash(key: str) -> int:
+    """The bucket of ``key`` in a QEMU QDict (tdb_hash modulo QDICT_BUCKET_MAX = 512)."""
+    v = (0x238F13AF * len(key)) & 0xFFFFFFFF
+    for i, c in enumerate(key.encode()):
+        v = (v + (c << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * v + 12345) & 0xFFFFFFFF) % 512
+
+
+def qdict_ordered(obj: Any) -> Any:
+    """``obj`` with every dict's keys in the order QEMU iterates a QDict (bucket order), so that
+    ``json.dumps`` prints QEMU's json:{...} pseudo-filenames byte for byte."""
+    if isinstance(obj, dict):
+        return {k: qdict_ordered(obj[k]) for k in sorted(obj, key=_qdict_hash)}
+    return obj
 
 
 class DaemonGraph(Graph):
@@ -33,6 +54,13 @@ class DaemonGraph(Graph):
         #: node name -> {user key: busy text} for jobs and exports holding the node
         self.users: dict[str, dict[str, str]] = {}
         self.order: list[str] = []
+
+    def add(self, driver: BlockDriver, node_name: str | None = None, **kw: Any) -> BlockNode:
+        """As ``Graph.add``, but implicit names are QEMU's id_generate(): ``#block<counter><random:02>``."""
+        if node_name is None:
+            node_name = f"#block{self._auto}{random.randrange(100):02d}"
+            self._auto += 1
+        return super().add(driver, node_name, **kw)
 
     # ------------------------------------------------------------------ lookups
     def lookup(self, name: Any) -> BlockNode:
@@ -95,11 +123,17 @@ class DaemonGraph(Graph):
         if name in self.nodes:
             raise InvalidArgument(f"Duplicate nodes with node-name='{name}'")
 
-    def _ref(self, ref: Any, parent_ro: bool, created: list[BlockNode]) -> BlockNode:
+    def _ref(self, ref: Any, parent: dict[str, Any], created: list[BlockNode]) -> BlockNode:
+        """A child reference: an existing node's name, or inline options, which inherit read-only and
+        cache.direct/no-flush from ``parent`` (QEMU's bdrv_inherited_options / bdrv_backing_options)."""
         if isinstance(ref, str):
             return self.lookup(ref)
         opts = dict(ref)
-        opts.setdefault("read-only", parent_ro)
+        opts.setdefault("read-only", bool(parent.get("read-only", False)))
+        pcache = parent.get("cache") or {}
+        if pcache:
+            opts["cache"] = {**{k: v for k, v in pcache.items() if k in ("direct", "no-flush")},
+                             **(opts.get("cache") or {})}
         return self._add(opts, False, created)
 
     def blockdev_add(self, opts: dict[str, Any]) -> BlockNode:
@@ -110,7 +144,8 @@ class DaemonGraph(Graph):
             return self._add(opts, True, created)
         except BaseException:
             for n in reversed(created):
-                self._drop(n)
+                if self.nodes.get(n.name) is n:  # not already freed with its parent
+                    self._drop(n)
             raise
 
     def _add(self, opts: dict[str, Any], top: bool, created: list[BlockNode]) -> BlockNode:
@@ -130,14 +165,16 @@ class DaemonGraph(Graph):
         drv = opts.get("driver")
         throttle_group = None
         ex = self.executor
+        strong: dict[str, Any] = {}
         if drv == "file":
             d: BlockDriver = FileDriver(opts["filename"], ex, ro)
         elif drv in ("null-co", "null-aio"):
             d = NullDriver(f"{drv}://", ex, ro, size=opts.get("size", NULL_DEFAULT_SIZE),
                            read_zeroes=bool(opts.get("read-zeroes", False)),
                            latency_ns=opts.get("latency-ns", 0), name=drv)
+            strong = {k: opts[k] for k in NULL_STRONG_OPTS if k in opts}
         elif drv in FORMATS:
-            child = self._ref(opts["file"], ro, created)
+            child = self._ref(opts["file"], opts, created)
             d = driver_class(drv)(child.driver.filename, ex, ro)
             d.file = child.driver
             if drv == "raw" and (opts.get("offset") or "size" in opts):
@@ -150,25 +187,35 @@ class DaemonGraph(Graph):
                 d.close()
                 raise
             if drv == "qcow2":
-                try:
-                    self._attach_backing(d, opts, created)
-                except BaseException:
-                    d.backing = None
-                    d.file = None
-                    d.close()
-                    raise
+                # QEMU names the node (bdrv_open_common) before it opens the backing chain, so the
+                # chain's nodes are newer than their overlay; blockdev_add drops it all on failure
+                node = self._register(d, name, top, opts, dz, None, created, {})
+                self._attach_backing(d, opts, created)
+                return node
         elif drv == "throttle":
             throttle_group = opts.get("throttle-group")
             if throttle_group not in self.groups:
                 raise InvalidArgument(f"Throttle group '{throttle_group}' does not exist")
-            child = self._ref(opts["file"], ro, created)
+            child = self._ref(opts["file"], opts, created)
             d = FilterDriver(child.driver, "throttle", ro)
+            strong = {"throttle-group": throttle_group}
         else:
             raise InvalidArgument(f"Driver '{drv}' is not supported by parablock yet")
+        return self._register(d, name, top, opts, dz, throttle_group, created, strong)
+
+    def _register(self, d: BlockDriver, name: str | None, top: bool, opts: dict[str, Any], dz: str,
+                  throttle_group: str | None, created: list[BlockNode], strong: dict[str, Any]) -> BlockNode:
         d.in_graph = True
-        node = self.add(d, name, detect_zeroes=dz, throttle_group=throttle_group)
+        try:
+            node = self.add(d, name, detect_zeroes=dz, throttle_group=throttle_group)
+        except BaseException:
+            d.backing = None
+            d.file = None
+            d.close()
+            raise
         node.owned = top
-        node.discard_mode = discard
+        node.discard_mode = opts.get("discard", "ignore")
+        node.strong_opts = strong
         cache = opts.get("cache") or {}
         node.cache = {"no-flush": bool(cache.get("no-flush", False)),
                       "direct": bool(cache.get("direct", False)), "writeback": True}
@@ -179,12 +226,15 @@ class DaemonGraph(Graph):
     def _attach_backing(self, d: BlockDriver, opts: dict[str, Any], created: list[BlockNode]) -> None:
         if "backing" in opts:
             ref = opts["backing"]
-            if ref is None:
+            if ref is None or ref == "":  # "backing=" on the command line is a deprecated spelling of null
                 return
             try:
-                d.backing = self._ref(ref, True, created).driver
+                d.backing = self._ref(ref, {**opts, "read-only": True}, created).driver
             except BlockError as exc:
                 raise BlockError(f"Could not open backing file: {exc.message}") from None
+            node = self.node_of(d)
+            if node is not None:  # bs->backing_file follows the node until a job rewrites the header
+                node.attached_header = d.backing_filename
             return
         if not d.backing_filename:
             return
@@ -194,23 +244,24 @@ class DaemonGraph(Graph):
         except ImageOpenError as exc:
             raise ImageOpenError(f"Could not open backing file: {exc.message}", errno=exc.errno) from None
         d.backing = chain
-        # register the chain bottom-up as implicit nodes
-        drivers = []
+        # register the chain as implicit nodes in QEMU's opening order: top down, file before format;
+        # backing nodes inherit cache.direct/no-flush (bdrv_backing_options)
+        cache = opts.get("cache") or {}
         cur: BlockDriver | None = chain
         while cur is not None:
-            drivers.append(cur)
-            cur = cur.backing
-        for drv in reversed(drivers):
-            for x in (drv.file, drv):
+            for x in (cur.file, cur):
                 if x is None:
                     continue
                 x.in_graph = True
                 n = self.add(x, None)
                 n.owned = False
                 n.discard_mode = "ignore"
-                n.cache = {"no-flush": False, "direct": False, "writeback": True}
+                n.strong_opts = {}
+                n.cache = {"no-flush": bool(cache.get("no-flush", False)),
+                           "direct": bool(cache.get("direct", False)), "writeback": True}
                 self.order.append(n.name)
                 created.append(n)
+            cur = cur.backing
 
     # ------------------------------------------------------------------ blockdev-del
     def blockdev_del(self, name: str) -> None:
@@ -293,31 +344,95 @@ class DaemonGraph(Graph):
         d.backing = backing
 
     # ------------------------------------------------------------------ queries
-    def device_info(self, node: BlockNode, flat: bool) -> dict[str, Any]:
+    # QEMU's bdrv_refresh_filename: a node shows its "exact" filename when its options can be told by
+    # one, else json:{full open options} (strong runtime options, children, an overridden backing)
+    def _backing_overridden(self, node: BlockNode) -> bool:
+        d = node.driver
+        if d.format_name != "qcow2":
+            return False
+        header = d.backing_filename or ""
+        below = self.node_of(d.backing)
+        if below is None:
+            return bool(header)
+        return self.filename_of(below) not in (header, path_combine(d.filename, header))
+
+    def _exact_filename(self, node: BlockNode) -> str | None:
+        d = node.driver
+        if getattr(node, "strong_opts", None) or self._backing_overridden(node):
+            return None
+        if d.format_name == "file":
+            return d.filename
+        if d.format_name in ("null-co", "null-aio"):
+            return f"{d.format_name}://"
+        child = self.node_of(d.file)
+        return self._exact_filename(child) if child is not None else d.filename
+
+    def _full_options(self, node: BlockNode) -> dict[str, Any]:
+        d = node.driver
+        out: dict[str, Any] = {"driver": d.format_name, **getattr(node, "strong_opts", {})}
+        if d.format_name == "file":
+            out["filename"] = d.filename
+        child = self.node_of(d.file)
+        if child is not None:
+            out["file"] = self._full_options(child)
+        if self._backing_overridden(node):
+            below = self.node_of(d.backing)
+            out["backing"] = None if below is None else self._full_options(below)
+        return out
+
+    def filename_of(self, node: BlockNode) -> str:
+        """The node's filename as QEMU reports it (``file``, ``image.filename``)."""
+        exact = self._exact_filename(node)
+        if exact is not None:
+            return exact
+        return "json:" + json.dumps(qdict_ordered(self._full_options(node)))
+
+    def _filtered_or_cow(self, node: BlockNode) -> BlockNode | None:
+        """bdrv_filter_or_cow_bs: a filter's file child, a format node's backing node."""
+        d = node.driver
+        return self.node_of(d.file if d.is_filter else d.backing)
+
+    def _image_info(self, node: BlockNode) -> dict[str, Any]:
         from engine.cli.cmd_info import image_info
 
         d = node.driver
-        chain = self.chain(node)
-        img = image_info(d, d.filename)
+        img = image_info(d, self.filename_of(node))
         if d.is_filter or d.is_protocol:
             img.pop("format-specific", None)
+        img["virtual-size"] = -(-img["virtual-size"] // 512) * 512  # bdrv_getlength counts sectors
+        leaf = d  # raw and filters forward bdrv_get_info to their file child
+        while leaf.format_name != "qcow2" and leaf.file is not None:
+            leaf = leaf.file
+        if leaf.format_name in ("null-co", "null-aio"):  # no bdrv_get_info: no dirty-flag
+            img.pop("dirty-flag", None)
+        return img
+
+    def device_info(self, node: BlockNode, flat: bool) -> dict[str, Any]:
+        """BlockDeviceInfo as bdrv_block_device_info builds it (keys in QEMU's QDict order)."""
+        d = node.driver
+        img = self._image_info(node)
+        depth = 0
         if not flat:
-            cur, tgt = img, node
-            for below in chain[1:]:
-                sub = image_info(below.driver, below.driver.filename)
+            cur, below = img, self._filtered_or_cow(node)
+            while below is not None:
+                sub = self._image_info(below)
                 cur["backing-image"] = sub
-                cur, tgt = sub, below
+                depth += 1
+                cur, below = sub, self._filtered_or_cow(below)
         out: dict[str, Any] = {
             "iops_rd": 0, "detect_zeroes": node.detect_zeroes, "image": img, "iops_wr": 0,
             "ro": d.read_only, "node-name": node.name,
-            "backing_file_depth": 0 if flat else len(chain) - 1, "drv": d.format_name, "iops": 0,
+            "backing_file_depth": depth, "drv": d.format_name, "iops": 0,
             "bps_wr": 0, "write_threshold": 0}
-        if d.backing is not None and d.backing_filename:
+        below = self.node_of(d.backing)
+        if below is not None and self._backing_overridden(node) \
+                and getattr(node, "attached_header", None) == d.backing_filename:
+            out["backing_file"] = self.filename_of(below)  # explicit backing: bs->backing_file follows it
+        elif d.backing is not None and d.backing_filename:
             out["backing_file"] = d.backing_filename
         out.update({"encrypted": False, "bps": 0, "bps_rd": 0,
-                    "cache": dict(getattr(node, "cache", {"no-flush": False, "direct": False,
-                                                          "writeback": True})),
-                    "file": d.filename})
+                    "cache": dict(getattr(node, "cache", DEFAULT_CACHE)),
+                    "file": self.filename_of(node)})
         bitmaps = getattr(node, "bitmap_info", None)
         if callable(bitmaps):
             bl = bitmaps()
@@ -349,9 +464,6 @@ class DaemonGraph(Graph):
         child = self.node_of(node.driver.file)
         if child is not None:
             out["parent"] = self._blockstats(child)
-        backing = self.node_of(node.driver.backing)
-        if backing is not None:
-            out["backing"] = self._blockstats(backing)
         out["stats"] = self._stats(node)
         out["node-name"] = node.name
         if node.driver.format_name == "file":

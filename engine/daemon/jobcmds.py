@@ -22,7 +22,7 @@ def _job_opts(a: dict[str, Any]) -> dict[str, Any]:
     if speed < 0:
         raise QmpError("Parameter 'speed' expects a non-negative value")
     return {"speed": speed, "auto_finalize": a.get("auto-finalize", True),
-            "auto_dismiss": a.get("auto-dismiss", True)}
+            "auto_dismiss": a.get("auto-dismiss", True), "txn": DEFER_START[-1] if DEFER_START else None}
 
 
 def _node_lookup(d: Daemon, name: str) -> BlockNode:
@@ -61,14 +61,22 @@ def _filter_name(d: Daemon, a: dict[str, Any]) -> None:
             raise QmpError(str(exc)) from None
 
 
+#: ``transaction`` pushes its job transaction (or None) here: jobs are then set up but started only
+#: when every action of the transaction has been prepared
+DEFER_START: list[Any] = []
+
+
 def _launch(d: Daemon, job: Any) -> None:
     try:
         job.setup()
     except BaseException:
         job.clean()
+        if job in job.txn.jobs:
+            job.txn.jobs.remove(job)
         raise
     d.jobs.add(job)
-    job.start()
+    if not DEFER_START:
+        job.start()
 
 
 @command("block-commit")
@@ -294,11 +302,9 @@ def _backup_cluster_size(target: BlockNode) -> int:
 
 
 def _find_bitmap(node: BlockNode, name: str) -> Any:
-    for bm in node.bitmaps:
-        if getattr(bm, "name", None) == name:
-            return bm
-    find = getattr(node.driver, "find_bitmap", None)
-    return find(name) if find is not None else None
+    from engine.daemon import bitmapcmds
+
+    return bitmapcmds.find(node, name)
 
 
 def _backup_common(d: Daemon, a: dict[str, Any], source: BlockNode, target: BlockNode,

@@ -134,7 +134,7 @@ def run(cfg: Any) -> int:
     if pid:
         os.close(wfd)
         with os.fdopen(rfd, "rb") as r:
-            status = r.read()
+            status = r.readline()  # one line, not EOF: the daemon's workers may hold the pipe open
         if status.startswith(b"ok"):
             return 0
         msg = status.decode(errors="replace").strip() or "daemon exited during start-up"
@@ -144,21 +144,22 @@ def run(cfg: Any) -> int:
         except ChildProcessError:
             pass
         return 1
-    # child: new session, stdio to /dev/null once started
+    # child: a new session, stdio on /dev/null before any worker starts (so no worker keeps the
+    # caller's terminal or pipes open); start-up errors travel through the status pipe instead
     os.close(rfd)
     os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    os.set_inheritable(wfd, False)
 
     def ready_child(msg: str | None) -> None:
         try:
-            os.write(wfd, b"ok" if msg is None else msg.encode())
+            os.write(wfd, b"ok\n" if msg is None else msg.replace("\n", " ").encode() + b"\n")
             os.close(wfd)
         except OSError:
             pass
-        if msg is None:
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            os.close(null)
 
     code = asyncio.run(serve(cfg, ready_child))
     os._exit(code)

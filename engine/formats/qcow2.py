@@ -433,7 +433,7 @@ class Qcow2Driver(BlockDriver):
             raise BlockError(f"Bitmap '{name}' is currently in use by another operation and cannot be used")
         self.check_writable()
         assert self._bitmaps is not None
-        self._bitmaps.remove(bm)
+        self._bitmaps[:] = [b for b in self._bitmaps if b is not bm]  # by identity: == compares bits
         gone = [e for e in self._bm_dir if e.name == name]
         if not gone:
             return

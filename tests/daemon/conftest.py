@@ -26,15 +26,15 @@ class Qsd:
         self.greeting = self.qmp.connect(negotiate=True)
         self.events: list[dict[str, Any]] = []
 
-    def cmd(self, name: str, **args: Any) -> dict[str, Any]:
+    def cmd(self, name: str, /, **args: Any) -> dict[str, Any]:
         return self.qmp.cmd_raw(name, args or None)
 
-    def ok(self, name: str, **args: Any) -> Any:
+    def ok(self, name: str, /, **args: Any) -> Any:
         res = self.cmd(name, **args)
         assert "return" in res, f"{name} {args}: {res}"
         return res["return"]
 
-    def err(self, name: str, **args: Any) -> tuple[str, str]:
+    def err(self, name: str, /, **args: Any) -> tuple[str, str]:
         res = self.cmd(name, **args)
         assert "error" in res, f"{name} {args} unexpectedly succeeded: {res}"
         return res["error"]["class"], res["error"]["desc"]
