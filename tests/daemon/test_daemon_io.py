@@ -1,0 +1,100 @@
+"""Throttle nodes measured over a few seconds, quit with running jobs, blockdev-reopen, and query-blockstats
+after I/O — the daemon's I/O path, driven in process through the engine's request pipeline."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.daemon.conftest import MiB, chain_blockdevs, make_chain
+from tests.daemon.test_mirror import _add_chain, _daemon
+from tests.util import assert_qemu_clean, needs_qemu, qemu_img
+
+pytestmark = needs_qemu
+
+
+@pytest.mark.parametrize("limits,lo,hi", [
+    ({"bps-write": 2 * MiB}, 1.8, 2.3),                                      # 4 MiB at 2 MiB/s
+    # a burst: the 8 MiB bucket (max x max-length) takes all 4 MiB, paced at the max rate (4 MiB/s)
+    ({"bps-write": 2 * MiB, "bps-write-max": 4 * MiB, "bps-write-max-length": 2}, 0.8, 1.2),
+    ({"iops-write": 40}, 1.4, 1.75),                                         # 64 requests at 40/s
+])
+def test_throttle_node_holds_its_limits(tmp_path, limits, lo, hi):
+    qemu_img("create", "-q", "-f", "raw", str(tmp_path / "d.raw"), "8M")
+
+    async def main() -> float:
+        d, ev, pool = await _daemon(tmp_path, workers=1)
+        try:
+            await d.execute("object-add", {"qom-type": "throttle-group", "id": "tg0", "limits": limits})
+            await d.execute("blockdev-add", {"driver": "throttle", "node-name": "thr", "throttle-group": "tg0",
+                                             "file": {"driver": "raw", "file": {"driver": "file",
+                                                                                "filename": str(tmp_path / "d.raw")}}})
+            thr = d.graph.nodes["thr"]
+            t0 = time.monotonic()
+            for i in range(64):
+                await thr.write(i * 65536, b"\x5a" * 65536)
+            took = time.monotonic() - t0
+            stats = await d.execute("query-blockstats", {"query-nodes": True})
+            mine = next(s for s in stats if s["node-name"] == "thr")["stats"]
+            assert mine["wr_bytes"] == 4 * MiB and mine["wr_operations"] == 64
+            assert mine["wr_highest_offset"] == 4 * MiB
+            assert await thr.read(0, 4 * MiB) == b"\x5a" * (4 * MiB)
+            return took
+        finally:
+            await d.shutdown()
+            if pool:
+                pool.close()
+
+    took = asyncio.run(main())
+    assert lo <= took <= hi, f"{limits}: took {took:.2f} s"
+
+
+def test_quit_cancels_running_jobs_and_leaves_clean_images(qsd, tmp_path):
+    paths = make_chain(tmp_path)
+    for name in ("lone", "tgt"):
+        qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / f"{name}.qcow2"), "4M")
+    d = qsd(*chain_blockdevs(), *[a for n in ("lone", "tgt") for a in (
+        "--blockdev", f"driver=qcow2,node-name={n},file.driver=file,file.filename={n}.qcow2")])
+    d.ok("block-commit", **{"job-id": "c", "device": "top", "top-node": "mid", "speed": 1})
+    d.ok("job-pause", id="c")
+    d.ok("blockdev-mirror", **{"job-id": "m", "device": "lone", "target": "tgt", "sync": "full"})
+    d.wait_event("BLOCK_JOB_READY", device="m")
+    assert d.cmd("quit") == {"return": {}}
+    for job in ("c", "m"):
+        d.wait_event("BLOCK_JOB_CANCELLED", device=job)
+        d.wait_event("JOB_STATUS_CHANGE", id=job, status="null")
+    assert d.proc.wait(timeout=30) == 0
+    for p in [*paths.values(), tmp_path / "lone.qcow2", tmp_path / "tgt.qcow2"]:
+        assert_qemu_clean(p)
+    assert "backing file: mid.qcow2" in qemu_img("info", str(paths["top"])).stdout  # commit changed no header
+
+
+def test_blockdev_reopen_read_only_and_back(tmp_path):
+    make_chain(tmp_path)
+
+    async def main() -> None:
+        d, ev, pool = await _daemon(tmp_path, workers=0)
+        try:
+            await _add_chain(d, tmp_path)
+            top = d.graph.nodes["top"]
+            await d.execute("blockdev-reopen", {"options": [
+                {"driver": "qcow2", "node-name": "top", "read-only": True,
+                 "file": {"driver": "file", "filename": str(tmp_path / "top.qcow2")}, "backing": "mid"}]})
+            assert top.driver.read_only
+            with pytest.raises(Exception, match="read-only"):
+                await top.write(0, b"x" * 512)
+            await d.execute("blockdev-reopen", {"options": [
+                {"driver": "qcow2", "node-name": "top", "read-only": False,
+                 "file": {"driver": "file", "filename": str(tmp_path / "top.qcow2")}, "backing": "mid"}]})
+            await top.write(0, b"y" * 512)
+            assert await top.read(0, 512) == b"y" * 512
+            nodes = {n["node-name"]: n for n in await d.execute("query-named-block-nodes", {})}
+            assert nodes["top"]["ro"] is False
+        finally:
+            await d.shutdown()
+            if pool:
+                pool.close()
+
+    asyncio.run(main())
+    assert_qemu_clean(tmp_path / "top.qcow2")
