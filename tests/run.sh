@@ -9,5 +9,14 @@ if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq qemu-utils >/dev/null
 fi
+# qemu-storage-daemon (Debian's qemu-system-common) is the oracle of the daemon tests: unpack just the
+# binary into .cache/ when it is not installed
+if ! command -v qemu-storage-daemon >/dev/null 2>&1 && [ ! -x .cache/qsd/usr/bin/qemu-storage-daemon ]; then
+  mkdir -p .cache/qsd
+  ( cd .cache && { apt-get download qemu-system-common >/dev/null 2>&1 \
+        || { $SUDO apt-get update -qq && apt-get download qemu-system-common >/dev/null 2>&1; }; } \
+      && dpkg -x qemu-system-common_*.deb qsd && rm -f qemu-system-common_*.deb ) \
+    || echo "tests/run.sh: could not fetch qemu-storage-daemon; the side-by-side daemon tests will skip" >&2
+fi
 python3 -m pip install -q -e '.[test]'
 exec python3 -m pytest -n auto -q "$@"

@@ -207,7 +207,7 @@ def _root_any(d: Daemon, name: str) -> BlockNode:
 
 
 def _mirror_common(d: Daemon, a: dict[str, Any], source: BlockNode, target: BlockNode,
-                   set_backing: Any = None) -> Any:
+                   set_backing: Any = None, zero_target: bool = True) -> Any:
     g = d.graph
     sync = a["sync"]
     if sync in ("incremental", "bitmap"):
@@ -240,7 +240,8 @@ def _mirror_common(d: Daemon, a: dict[str, Any], source: BlockNode, target: Bloc
                     granularity=gran or _default_granularity(target), buf_size=buf_size,
                     on_source_error=a.get("on-source-error", "report"),
                     on_target_error=a.get("on-target-error", "report"), replaces=replaces,
-                    copy_mode=a.get("copy-mode", "background"), set_backing=set_backing, **opts)
+                    copy_mode=a.get("copy-mode", "background"), set_backing=set_backing,
+                    zero_target=zero_target, **opts)
     _launch(d, job)
     return {}
 
@@ -288,7 +289,9 @@ def drive_mirror(d: Daemon, a: dict[str, Any]) -> Any:
     created: list[BlockNode] = []
     target = d.graph._add(spec, False, created)
     try:
-        return _mirror_common(d, a, source, target, set_backing=backing_drv)
+        # a new image reads as zeros: only an existing target needs zeroing (QEMU's zero_target)
+        return _mirror_common(d, a, source, target, set_backing=backing_drv,
+                              zero_target=sync == "full" and mode == "existing")
     except BaseException:
         for n in reversed(created):
             d.graph._drop(n)

@@ -218,7 +218,9 @@ class StreamJob(ChainJob):
             await self.locked(dev.driver.flush)
 
     def prepare(self) -> None:
-        if not self.intermediates:
+        """stream_prepare: a device with a backing file gets the new backing string and format even when
+        nothing had to be copied (base already its backing file), as QEMU 7.2 does."""
+        if self.device.driver.backing is None:
             return
         if self.base is None:
             name, fmt = None, None
@@ -231,5 +233,5 @@ class StreamJob(ChainJob):
         set_backing(name, fmt)
 
     def commit(self) -> None:
-        if self.intermediates:
+        if self.device.driver.backing is not None:
             self.drop_intermediates(self.device, self.base.driver if self.base else None, self.intermediates)

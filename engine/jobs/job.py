@@ -135,8 +135,8 @@ class Job:
 
     async def sleep_ns(self, ns: int) -> None:
         """QEMU's job_sleep_ns: sleep unless kicked (cancel, resume, faster speed), then a pause point."""
-        if ns > 0 and not self.cancelled:
-            self._wake.clear()
+        if ns > 0 and not self.cancelled and not self.pause_count:
+            # a kick that came while the job was busy (pause, cancel, set-speed) ends the sleep at once
             self.busy = False
             try:
                 await asyncio.wait_for(self._wake.wait(), ns / 1e9)
@@ -144,6 +144,7 @@ class Job:
                 pass
             finally:
                 self.busy = True
+        self._wake.clear()
         await self.pause_point()
 
     async def yield_now(self) -> None:

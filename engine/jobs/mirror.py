@@ -15,7 +15,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from engine.bitmap import DirtyBitmap
-from engine.block import block_status, block_status_above, is_allocated_above
+from engine.block import block_status_above, is_allocated_above
 from engine.driver import Status
 from engine.errors import BlockError
 from engine.jobs.job import Job
@@ -49,7 +49,7 @@ class MirrorJob(Job):
                  on_source_error: str = "report", on_target_error: str = "report",
                  replaces: "BlockNode | None" = None, copy_mode: str = "background",
                  base: "BlockNode | None" = None, intermediates: list["BlockNode"] | None = None,
-                 set_backing: Any = None, **kw: Any) -> None:
+                 set_backing: Any = None, zero_target: bool = True, **kw: Any) -> None:
         super().__init__(manager, job_id, **kw)
         self.graph = graph
         self.source = source
@@ -64,6 +64,7 @@ class MirrorJob(Job):
         self.base = base  # active commit: the node everything above it is copied into
         self.intermediates = intermediates or []
         self.set_backing = set_backing  # drive-mirror sync=top: the target backs onto the source's backing
+        self.zero_target = zero_target
         self.bitmap: DirtyBitmap | None = None
         self.reopened: list["BlockNode"] = []
         self.drained = False
@@ -130,29 +131,30 @@ class MirrorJob(Job):
             return await asyncio.to_thread(fn, *args)
 
     async def _seed(self) -> None:
-        """Mark what the sync mode says must be copied."""
+        """mirror_dirty_init: mark what the sync mode says must be copied.  With ``zero_target`` (sync
+        full into an existing target) the target is first zeroed when it can unmap, or everything is
+        marked dirty when it cannot (QEMU's bdrv_can_write_zeroes_with_unmap needs discard=unmap)."""
         bm = self.bitmap
         assert bm is not None
         src, size = self.source.driver, self.source.size()
         if self.sync == "none":
             return
+        if self.sync == "full" and self.base is None and self.zero_target:
+            if self.target.discard_mode != "unmap":
+                bm.fill()
+                return
+            await self.target.write_zeroes(0, size, True)
         pos = 0
         while pos < size:
             await self.yield_now()
             n = min(size - pos, 1 << 30)
             if self.base is not None or self.sync == "top":
                 stop = self.base.driver if self.base is not None else src.backing
-                alloc, n = await self._locked(is_allocated_above, src, stop, pos, n)
-                dirty = alloc
             else:
-                st, n = await self._locked(block_status_above, src, pos, n)
-                dirty = bool(st & Status.ALLOCATED and not st & Status.ZERO)
-                if not dirty:  # zeros in the source: copy them unless the target reads as zero there
-                    tst, tn = await self._locked(block_status_above, self.target.driver, pos, n)
-                    n = min(n, tn) if tn else n
-                    dirty = not tst & Status.ZERO
+                stop = None
+            alloc, n = await self._locked(is_allocated_above, src, stop, pos, n)
             n = max(n, 1)
-            if dirty:
+            if alloc:
                 bm.set(pos, n)
             pos += n
 
