@@ -98,3 +98,32 @@ def test_blockdev_reopen_read_only_and_back(tmp_path):
 
     asyncio.run(main())
     assert_qemu_clean(tmp_path / "top.qcow2")
+
+
+def test_legacy_job_verbs_and_reopen_over_qmp(qsd, tmp_path):
+    paths = make_chain(tmp_path)
+    d = qsd(*chain_blockdevs())
+    d.ok("block-commit", **{"job-id": "c", "device": "top", "top-node": "mid", "speed": 1,
+                            "auto-finalize": False, "auto-dismiss": False})
+    d.ok("block-job-pause", device="c")
+    d.wait_event("JOB_STATUS_CHANGE", id="c", status="paused")
+    assert d.err("block-job-pause", device="c") == ("GenericError", "Job is already paused")
+    d.ok("block-job-resume", device="c")
+    d.ok("block-job-set-speed", device="c", speed=0)
+    d.wait_event("BLOCK_JOB_PENDING", id="c")
+    assert d.ok("query-block-jobs")[0]["status"] == "pending"
+    d.ok("block-job-finalize", id="c")
+    d.wait_event("BLOCK_JOB_COMPLETED", device="c")
+    d.ok("block-job-dismiss", id="c")
+    assert d.ok("query-block-jobs") == []
+    spec = {"driver": "qcow2", "node-name": "top", "file": "top-file", "backing": "base"}
+    d.ok("blockdev-reopen", options=[{**spec, "read-only": True}])
+    ro = {n["node-name"]: n["ro"] for n in d.ok("query-named-block-nodes")}
+    assert ro["top"] is True
+    d.ok("blockdev-reopen", options=[{**spec, "read-only": False}])
+    ro = {n["node-name"]: n["ro"] for n in d.ok("query-named-block-nodes")}
+    assert ro["top"] is False
+    assert d.stop() == 0
+    assert "backing file: base.qcow2" in qemu_img("info", str(paths["top"])).stdout
+    for p in paths.values():
+        assert_qemu_clean(p)

@@ -73,6 +73,17 @@ def script(d: Qsd, wd: Path) -> list[Any]:
         d.wait_event("JOB_STATUS_CHANGE", id=job, status="null")
         seen.append((job, job_events(d, job)))
 
+    call("object-add", **{"qom-type": "throttle-group", "id": "tg0",
+                          "limits": {"bps-total": 1048576, "iops-total": 100}})
+    call("object-add", **{"qom-type": "throttle-group", "id": "tg1", "limits": {"bps-total": 10, "bps-read": 5}})
+    call("qom-get", path="tg0", property="limits")
+    call("qom-set", path="tg0", property="limits", value={"bps-total-max": 100})
+    call("blockdev-add", **{"driver": "throttle", "node-name": "thr", "throttle-group": "tg0",
+                            "file": {"driver": "null-co", "node-name": "nul", "size": 1048576}})
+    call("object-del", id="tg0")
+    call("blockdev-del", **{"node-name": "nul"})
+    call("blockdev-del", **{"node-name": "thr"})
+    call("object-del", id="tg0")
     call("block-commit", **{"job-id": "j", "device": "top", "backing-file": "x"})
     call("block-commit", **{"job-id": "c1", "device": "top", "top-node": "mid", "base-node": "base",
                             "backing-file": "custom/base-name.qcow2"})
