@@ -34,7 +34,9 @@ def test_commit_rate_limit(tmp_path):
     t0 = time.monotonic()
     assert main(["commit", "--workers", "1", "-r", "2M", str(top)]) == 0
     elapsed = time.monotonic() - t0
-    assert 1.0 <= elapsed <= 2.5, elapsed
+    # 3 MiB at 2 MiB/s: about 1.5 s of sleeping; the rest is start-up, which a loaded 2-core machine
+    # can stretch
+    assert 1.0 <= elapsed <= 3.0, elapsed
     assert qemu_io("-c", "read -P 5 0 3M", str(base)).returncode == 0
 
 
