@@ -269,7 +269,7 @@ class DaemonGraph(Graph):
         if node is None:
             raise BlockError(f"Failed to find node with node-name='{name}'")
         users = self.users.get(name, {})
-        exports = [t for k, t in users.items() if k.startswith("export:")]
+        exports = [t for k, t in users.items() if k.startswith(("export:", "blk:"))]
         if exports:
             raise BlockError(f"Node {name} is in use")
         if not getattr(node, "owned", False):

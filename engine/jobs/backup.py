@@ -58,9 +58,8 @@ class BackupJob(Job):
 
     # ------------------------------------------------------------------ setup / teardown
     def setup(self) -> None:
-        key = f"job:{self.id}"
-        for n in (self.source, self.target):
-            self.graph.add_user(n.name, key, "block device is in use by block job: backup")
+        self.graph.add_user(self.source.name, f"job:{self.id}", "block device is in use by block job: backup")
+        self.graph.add_user(self.target.name, f"blk:{self.id}", "in use")  # written through a BlockBackend
         if self.target.driver.read_only:
             self.graph.reopen(self.target, False)
             self.reopened.append(self.target)
@@ -87,8 +86,8 @@ class BackupJob(Job):
         if self.user_bitmap is not None:
             self.user_bitmap.enabled = self._was_enabled
             self.user_bitmap.busy = False
-        for n in (self.source, self.target):
-            self.graph.remove_user(n.name, f"job:{self.id}")
+        self.graph.remove_user(self.source.name, f"job:{self.id}")
+        self.graph.remove_user(self.target.name, f"blk:{self.id}")
         for n in self.reopened:
             if n.name in self.graph.nodes:
                 try:

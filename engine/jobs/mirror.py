@@ -77,7 +77,10 @@ class MirrorJob(Job):
     def setup(self) -> None:
         key = f"job:{self.id}"
         for n in self.nodes:
-            self.graph.add_user(n.name, key, f"block device is in use by block job: {self.job_type}")
+            if n is self.target and self.base is None:  # the job writes it through a BlockBackend
+                self.graph.add_user(n.name, f"blk:{self.id}", "in use")
+            else:
+                self.graph.add_user(n.name, key, f"block device is in use by block job: {self.job_type}")
         if self.target.driver.read_only:
             self.graph.reopen(self.target, False)
             self.reopened.append(self.target)
@@ -112,6 +115,7 @@ class MirrorJob(Job):
             self.drained = False
         for n in self.nodes:
             self.graph.remove_user(n.name, f"job:{self.id}")
+            self.graph.remove_user(n.name, f"blk:{self.id}")
         for n in self.reopened:
             if n.name in self.graph.nodes and not self.pivoted:
                 try:

@@ -127,3 +127,23 @@ def test_legacy_job_verbs_and_reopen_over_qmp(qsd, tmp_path):
     assert "backing file: base.qcow2" in qemu_img("info", str(paths["top"])).stdout
     for p in paths.values():
         assert_qemu_clean(p)
+
+
+def test_blockdev_del_refused_while_a_job_uses_the_node(qsd, tmp_path):
+    for name in ("a", "b"):
+        qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / f"{name}.qcow2"), "8M")
+    from tests.util import qemu_io
+
+    qemu_io("-c", "write -P 7 0 8M", str(tmp_path / "a.qcow2"))
+    d = qsd(*[x for n in ("a", "b") for x in (
+        "--blockdev", f"driver=qcow2,node-name={n},file.driver=file,file.filename={n}.qcow2")])
+    d.ok("blockdev-mirror", **{"job-id": "j", "device": "a", "target": "b", "sync": "full", "speed": 1})
+    # as qsd 7.2: the source is op-blocked by the job, the target is held by the job's BlockBackend
+    assert d.err("blockdev-del", **{"node-name": "a"}) == \
+        ("GenericError", "Node 'a' is busy: block device is in use by block job: mirror")
+    assert d.err("blockdev-del", **{"node-name": "b"}) == ("GenericError", "Node b is in use")
+    d.ok("job-cancel", id="j")
+    d.wait_job_gone("j")
+    d.ok("blockdev-del", **{"node-name": "b"})
+    d.ok("blockdev-del", **{"node-name": "a"})
+    assert d.ok("query-named-block-nodes") == []
