@@ -64,6 +64,12 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     return wall, peak
 
 
+def default_workers(compress: bool) -> int:
+    """The worker count parablock picks without --workers (engine.cli.common.copy_workers)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return n if compress else max(1, n - 1)
+
+
 def make_images(d: Path, size: int) -> dict[str, Path]:
     d.mkdir(parents=True, exist_ok=True)
     a = d / "a.raw"
@@ -158,19 +164,22 @@ def main() -> None:
                 else:
                     qsize = out.stat().st_size
             ratios.append(pair["parablock"] / pair["qemu-img"])
-        res = {"case": name, "virtual_size": vsize, "pairs": args.pairs, "workers": args.workers or os.cpu_count()}
+        res = {"case": name, "virtual_size": vsize, "pairs": args.pairs,
+               "workers": args.workers or default_workers("-c" in extra)}
         for tool, vals in rows.items():
             walls = [w for w, _ in vals]
             res[tool] = {"median_s": statistics.median(walls), "min_s": min(walls),
                          "MiB_per_s": vsize / MiB / statistics.median(walls),
                          "peak_pss_MiB": max(r for _, r in vals) / MiB}
         res["ratio_median"] = statistics.median(ratios)
+        res["ratio_min"] = min(ratios)
         res["output_size_ratio"] = psize / qsize
         results.append(res)
         print(f"{name:22s} parablock {res['parablock']['median_s']:.3f}s ({res['parablock']['MiB_per_s']:.0f} MiB/s,"
               f" {res['parablock']['peak_pss_MiB']:.0f} MiB)  qemu-img {res['qemu-img']['median_s']:.3f}s "
               f"({res['qemu-img']['MiB_per_s']:.0f} MiB/s, {res['qemu-img']['peak_pss_MiB']:.0f} MiB)  "
-              f"ratio {res['ratio_median']:.2f}  output size ratio {res['output_size_ratio']:.3f}", flush=True)
+              f"ratio {res['ratio_median']:.2f} (min {res['ratio_min']:.2f})  output size ratio "
+              f"{res['output_size_ratio']:.3f}", flush=True)
     if "commit" in args.cases.split(","):
         # commit of the 3-deep chain into its base (qemu-img commit -b): a fresh copy of the chain each run
         work = d / "commit"
@@ -189,14 +198,16 @@ def main() -> None:
                 rows[tool].append((wall, pss))
                 pair[tool] = wall
             ratios.append(pair["parablock"] / pair["qemu-img"])
-        res = {"case": "commit-chain", "pairs": args.pairs, "ratio_median": statistics.median(ratios)}
+        res = {"case": "commit-chain", "pairs": args.pairs, "ratio_median": statistics.median(ratios),
+               "ratio_min": min(ratios), "workers": args.workers or default_workers(False)}
         for tool, vals in rows.items():
-            res[tool] = {"median_s": statistics.median(w for w, _ in vals),
+            res[tool] = {"median_s": statistics.median(w for w, _ in vals), "min_s": min(w for w, _ in vals),
                          "peak_pss_MiB": max(r for _, r in vals) / MiB}
         results.append(res)
         print(f"{'commit-chain':22s} parablock {res['parablock']['median_s']:.3f}s "
               f"({res['parablock']['peak_pss_MiB']:.0f} MiB)  qemu-img {res['qemu-img']['median_s']:.3f}s "
-              f"({res['qemu-img']['peak_pss_MiB']:.0f} MiB)  ratio {res['ratio_median']:.2f}", flush=True)
+              f"({res['qemu-img']['peak_pss_MiB']:.0f} MiB)  ratio {res['ratio_median']:.2f} "
+              f"(min {res['ratio_min']:.2f})", flush=True)
     if "compressed-raw-qcow2" in args.cases.split(","):
         # worker scaling on the CPU-bound case: 1 worker against 2, alternating
         src = imgs["c"]
@@ -211,7 +222,8 @@ def main() -> None:
                 walls[n].append(wall)
         speedup = statistics.median(walls[1]) / statistics.median(walls[2])
         results.append({"case": "compressed-scaling", "workers_1_s": statistics.median(walls[1]),
-                        "workers_2_s": statistics.median(walls[2]), "speedup": speedup})
+                        "workers_2_s": statistics.median(walls[2]), "workers_1_min_s": min(walls[1]),
+                        "workers_2_min_s": min(walls[2]), "speedup": speedup})
         print(f"{'compressed-scaling':22s} 1 worker {statistics.median(walls[1]):.3f}s  2 workers "
               f"{statistics.median(walls[2]):.3f}s  speedup {speedup:.2f}", flush=True)
     outdir = ROOT / "bench" / "results"

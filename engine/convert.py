@@ -22,8 +22,7 @@ from engine.block import block_status, chain, chain_block_status, is_allocated_a
 from engine.driver import BlockDriver, Status
 from engine.errors import BlockError, InvalidArgument
 from engine.formats.file import FileDriver
-from engine.throttle import RateLimiter
-from ipc.ranges import subtract_sorted, touched_units
+from ipc.ranges import coalesce_writes, subtract_sorted, touched_units
 
 MiB = 1 << 20
 
@@ -104,7 +103,11 @@ class Converter:
         if opts.compress:
             chunk = max(self.tcs, min(chunk, mover.slot_size // 2) // self.tcs * self.tcs)
         self.chunk = max(self.align, min(chunk, mover.slot_size) // self.align * self.align)
-        self._limiter = RateLimiter(opts.rate) if opts.rate else None
+        self._limiter = None
+        if opts.rate:
+            from engine.throttle import RateLimiter  # only -r pays for importing the throttle module
+
+            self._limiter = RateLimiter(opts.rate)
         if self._limiter is not None:  # small windows keep the limit smooth at low rates
             self.chunk = max(self.align, min(self.chunk, max(opts.rate // 10, 1) // self.align * self.align))
 
@@ -204,7 +207,11 @@ class Converter:
     def run(self) -> ConvertStats:
         inflight: deque = deque()
         writing: deque = deque()
-        limit = max(1, self.opts.max_inflight)
+        # every window in flight holds a slot until it is reaped, and reaping happens on this thread:
+        # never wait for more windows than there are slots, and keep one free for the fallback path's
+        # large writes (PoolExecutor.pwrite leases one), else ``-m 16 --workers 1`` waits forever
+        nslots = getattr(self.mover.slots, "nslots", None)
+        limit = max(1, self.opts.max_inflight if nslots is None else min(self.opts.max_inflight, nslots - 1))
         try:
             for win in self._windows():
                 if not win.has_data and self.opts.sparse:
@@ -369,7 +376,7 @@ class Converter:
             return
         writes, links = self._plan_writes(win, slot, result)
         if writes:
-            wfut = self.mover.submit("scatter", [slot, writes])
+            wfut = self.mover.submit("scatter", [slot, coalesce_writes(writes)])
             writing.append(("scatter", win, slot, wfut, links))
         else:
             for link in links:

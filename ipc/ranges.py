@@ -37,3 +37,18 @@ def touched_units(runs: list, start: int, end: int, unit: int) -> list[int]:
             first = out[-1] + 1
         out.extend(range(first, last + 1))
     return out
+
+
+def coalesce_writes(writes: list) -> list:
+    """Scatter writes ``[handle, host, slot_offset, n]`` with each one that continues the previous one on
+    both sides (same handle, next host byte, next slot byte) merged into it: one pwrite instead of many
+    (packed compressed clusters are laid out back to back in the slot and in the file)."""
+    out: list = []
+    for w in writes:
+        if out:
+            last = out[-1]
+            if last[0] == w[0] and last[1] + last[3] == w[1] and last[2] + last[3] == w[2]:
+                last[3] += w[3]
+                continue
+        out.append(list(w))
+    return out

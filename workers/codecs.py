@@ -7,18 +7,39 @@ reads them; tests/unit/test_codecs.py proves that with zlib's own -12 inflater.
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
-import zstandard
+# isal and zstandard are imported on first use: an uncompressed convert never pays for them (every
+# worker is a fork of the coordinator, so what the coordinator imports is start-up time of the CLI)
+_fast_deflate: Any = None
+_zstd: Any = None
 
-try:
-    from isal import isal_zlib as _fast_deflate
-except ImportError:  # pragma: no cover - isal is a declared dependency; zlib stays correct without it
-    _fast_deflate = None
+
+def _isal() -> Any:
+    global _fast_deflate
+    if _fast_deflate is None:
+        found: Any = False
+        try:
+            from isal import isal_zlib as found
+        except ImportError:  # pragma: no cover - isal is a declared dependency; zlib stays correct without it
+            pass
+        _fast_deflate = found
+    return _fast_deflate
+
+
+def _zstandard() -> Any:
+    global _zstd
+    if _zstd is None:
+        import zstandard
+
+        _zstd = zstandard
+    return _zstd
 
 
 def _deflate(data: bytes) -> bytes:
-    if _fast_deflate is not None:
-        c = _fast_deflate.compressobj(1, _fast_deflate.DEFLATED, -12, 9)
+    fast = _isal()
+    if fast:
+        c = fast.compressobj(1, fast.DEFLATED, -12, 9)
     else:
         c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
     return c.compress(data) + c.flush()
@@ -29,7 +50,7 @@ def compress(codec: str, data: bytes, limit: int) -> bytes | None:
     if codec == "zlib":
         out = _deflate(data)
     elif codec == "zstd":
-        out = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(data)
+        out = _zstandard().ZstdCompressor(level=3, write_content_size=False).compress(data)
     else:
         raise ValueError(f"unknown compression codec '{codec}'")
     if len(out) >= limit:
@@ -49,6 +70,7 @@ def decompress(codec: str, data: bytes, out_len: int) -> bytes:
         except zlib.error as exc:
             raise ValueError(f"corrupt deflate stream: {exc}") from None
     elif codec == "zstd":
+        zstandard = _zstandard()
         out = b""
         buf = data
         try:

@@ -1,7 +1,10 @@
-"""The worker pool: N spawned worker processes, one shared-memory slot segment, msgpack requests.
+"""The worker pool: N worker processes, one shared-memory slot segment, msgpack requests.
 
 Layer: workers (imports ``ipc``).  ``WorkerPool`` starts, supervises and stops the processes;
 ``PoolExecutor`` implements ``ipc.executor.Executor`` on top of it so format code runs unchanged.
+
+Start-up: workers are plain forks of the caller while it has a single thread (the CLI: ~10 ms per
+worker, no extra interpreter), else forks of multiprocess's fork server (see ``WorkerPool._context``).
 
 Concurrency model: callers submit from any thread and get a ``concurrent.futures.Future``; one reader
 thread waits on every worker pipe and process sentinel, resolves futures, and notices dead workers.  A
@@ -14,13 +17,12 @@ leaves no child, fd or segment behind.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
-
-import psutil
 
 from ipc import wire
 from ipc.executor import FileStat, HostExtent
@@ -45,6 +47,8 @@ def _pool_stopped() -> None:
         _live_pools -= 1
         if _live_pools:
             return
+    if "multiprocess.forkserver" not in sys.modules:  # no pool of ours used the fork server
+        return
     try:
         from multiprocess import forkserver, resource_tracker
 
@@ -78,20 +82,19 @@ class WorkerPool:
 
     def __init__(self, workers: int | None = None, nslots: int | None = None,
                  slot_size: int = DEFAULT_SLOT_SIZE, max_inflight: int = 4, start_timeout: float = 60.0,
-                 wait: bool = True) -> None:
+                 wait: bool = True, start_method: str | None = None) -> None:
         """Spawn the workers.  With ``wait`` the call returns once every worker greeted us (and raises
         IpcError if one did not); without it start-up overlaps the caller's own work and the first
-        ``submit`` waits for a ready worker."""
-        import multiprocess
+        ``submit`` waits for a ready worker.
 
+        ``start_method``: "fork", "forkserver" or None (automatic, see ``_context``)."""
+        if start_method not in (None, "fork", "forkserver"):
+            raise ValueError(f"unknown start method '{start_method}'")
         self.nworkers = workers or default_workers()
         self.max_inflight = max_inflight
         self.slots = SlotPool(nslots or max(4, self.nworkers * max_inflight * 2), slot_size)
         self.slot_size = slot_size
-        # forkserver: one interpreter start for the whole pool (workers are forks of a server that has
-        # already imported workers.worker), instead of one per worker with spawn
-        self._ctx = multiprocess.get_context("forkserver")
-        self._ctx.set_forkserver_preload(["workers.worker"])
+        self.start_method = start_method
         self._cond = threading.Condition()
         self._next_id = 1
         self._files: dict[int, tuple[str, bool]] = {}
@@ -106,6 +109,11 @@ class WorkerPool:
         self._inline = None
         self.workers: list[_Worker] = []
         self._start_timeout = start_timeout
+        # wakes the reader thread when a worker becomes ready (or the pool closes): it then starts watching
+        # that worker's pipe at once instead of after its wait times out
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         _pool_started()
         try:
             for i in range(self.nworkers):
@@ -114,6 +122,8 @@ class WorkerPool:
             for w in self.workers:
                 self._reap(w, kill=True)
             self.slots.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
             _pool_stopped()
             raise
         self._reader = threading.Thread(target=self._read_loop, name="parablock-pool-reader", daemon=True)
@@ -141,13 +151,35 @@ class WorkerPool:
             self._reap(w, kill=True)
 
     # --- processes -------------------------------------------------------------------------------
+    def _context(self):
+        """How to start a worker.  A plain fork of this process when that is safe: while it has a single
+        thread (the CLI's case: the pool is made before any thread), so no lock held by another thread
+        is inherited; the child imports nothing (workers.worker is already loaded) and only runs
+        ``worker_main``.  It costs ~10 ms per worker and no extra interpreter.  Otherwise (other threads
+        exist: a replacement started by the reader thread, pools made from threads) multiprocess's
+        fork server: workers are forks of a clean server that preloaded workers.worker, at the price of
+        starting that server and multiprocess's resource tracker (two interpreters, ~0.15-0.25 s)."""
+        method = self.start_method
+        if method is None:
+            method = "fork" if threading.active_count() == 1 and hasattr(os, "fork") else "forkserver"
+        if method == "fork":
+            import multiprocessing  # stdlib: no dill import (nothing is pickled on fork)
+
+            return multiprocessing.get_context("fork")
+        import multiprocess
+
+        ctx = multiprocess.get_context("forkserver")
+        ctx.set_forkserver_preload(["workers.worker"])
+        return ctx
+
     def _spawn(self, index: int) -> _Worker:
         from workers.worker import worker_main
 
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=worker_main, name=f"parablock-worker-{index}",
-                                 args=(child, os.getpid(), self.slots.fd, self.slots.nslots, self.slot_size),
-                                 daemon=True)
+        ctx = self._context()
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=worker_main, name=f"parablock-worker-{index}",
+                           args=(child, os.getpid(), self.slots.fd, self.slots.nslots, self.slot_size),
+                           daemon=True)
         proc.start()
         child.close()
         return _Worker(index, proc, parent)
@@ -181,6 +213,13 @@ class WorkerPool:
                 self._cond.notify_all()
             for f in frames:
                 w.conn.send_bytes(f)
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):  # already pending, or closed at shutdown
+            pass
 
     def _reap(self, w: _Worker, kill: bool = False) -> None:
         """Stop and release one worker process; safe to call twice and from any thread."""
@@ -224,15 +263,19 @@ class WorkerPool:
                 if self._closing and not any(w.inflight for w in self.workers):
                     return
                 live = [w for w in self.workers if w.alive and w.ready]
-            waitables: dict[Any, tuple[str, _Worker]] = {}
+            waitables: dict[Any, tuple[str, _Worker | None]] = {self._wake_r: ("wake", None)}
             for w in live:
                 waitables[w.conn] = ("conn", w)
                 waitables[w.proc.sentinel] = ("dead", w)
-            if not waitables:
-                time.sleep(0.05)
-                continue
             for obj in wait(list(waitables), timeout=0.2):
-                kind, w = waitables[obj]
+                kind, who = waitables[obj]
+                if who is None:  # a worker became ready, or we are closing: recompute what to watch
+                    try:
+                        os.read(self._wake_r, 64)
+                    except BlockingIOError:
+                        pass
+                    continue
+                w = who
                 if not w.alive:
                     continue
                 if kind == "conn":
@@ -352,8 +395,10 @@ class WorkerPool:
     def call(self, op: str, *args: Any, timeout: float | None = 300.0) -> Any:
         return self.submit(op, list(args)).result(timeout)
 
-    def broadcast(self, op: str, *args: Any) -> None:
-        """Run ``op`` on every live worker (open/close of files)."""
+    def broadcast(self, op: str, *args: Any, wait: bool = True) -> None:
+        """Run ``op`` on every live worker (open/close of files).  Without ``wait`` the requests are only
+        sent: a worker runs its requests in order, so any later request naming the file finds it open
+        (or fails with the open's own error, see ``Worker.h``); no round trip is paid per file."""
         futs = []
         with self._cond:
             candidates = [w for w in self.workers if w.alive]
@@ -371,6 +416,8 @@ class WorkerPool:
                 except (OSError, ValueError):
                     continue
             futs.append(fut)
+        if not wait:
+            return
         for f in futs:
             try:
                 f.result(60)
@@ -382,14 +429,14 @@ class WorkerPool:
             self._files[handle] = (path, writable)
         if self._inline is not None:
             self._inline.run("open", [handle, path, writable])
-        self.broadcast("open", handle, path, writable)
+        self.broadcast("open", handle, path, writable, wait=False)
 
     def unregister_file(self, handle: int) -> None:
         with self._cond:
             self._files.pop(handle, None)
         if self._inline is not None:
             self._inline.run("close", [handle])
-        self.broadcast("close", handle)
+        self.broadcast("close", handle, wait=False)
 
     # --- shutdown -------------------------------------------------------------------------------------
     def pids(self) -> list[int]:
@@ -402,6 +449,8 @@ class WorkerPool:
 
     def rss_bytes(self) -> int:
         """Resident memory of the coordinator and every worker (for benchmarks)."""
+        import psutil
+
         total = psutil.Process().memory_info().rss
         for pid in self.pids():
             try:
@@ -416,6 +465,7 @@ class WorkerPool:
                 return
             self._closing = True
             self._cond.notify_all()
+        self._wake_reader()
         for w in self.workers:
             if w.alive:
                 try:
@@ -438,6 +488,7 @@ class WorkerPool:
                 if not fut.done():
                     fut.set_exception(IpcError(f"worker pool shut down while running '{op}'"))
             self._reap(w, kill=True)
+        self._wake_reader()
         self._reader.join(5)
         if self._inline is not None:
             self._inline.ex.close_all()
@@ -445,6 +496,9 @@ class WorkerPool:
         for t in getattr(self, "_starters", []):
             t.join(5)
         self.slots.close()
+        if not self._reader.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         _pool_stopped()
 
     def __enter__(self) -> "WorkerPool":

@@ -24,12 +24,13 @@ from engine.image import open_image
 @click.option("-d", "keep_top", is_flag=True)
 @click.option("-p", "progress", is_flag=True)
 @click.option("-q", "quiet", is_flag=True)
-@click.option("--workers", "workers", type=int, default=None, help="worker processes (default: CPUs)")
+@click.option("--workers", "workers", type=int, default=None,
+              help="worker processes (default: CPUs - 1, at least 1)")
 @click.argument("filename")
 def commit_cmd(fmt, cache, base_name, rate, keep_top, progress, quiet, workers, filename):
     """Commit an image's changes into its backing file (qemu-img commit)."""
     rate_bps = parse_rate(rate)
-    pool, ex = start_pool(workers)
+    pool, ex = start_pool(workers, compress=False)
     top = None
     new_base = None
     bar = None
@@ -61,7 +62,7 @@ def commit_cmd(fmt, cache, base_name, rate, keep_top, progress, quiet, workers, 
         if new_base.size() < top.size():
             new_base.truncate(top.size())
         bar = ByteProgress(top.size(), progress and not quiet, "commit")
-        opts = ConvertOptions(base=new_base, target_zero_init=False, max_inflight=2 * pool.nworkers,
+        opts = ConvertOptions(base=new_base, target_zero_init=False, max_inflight=max(8, 2 * pool.nworkers),
                               rate=rate_bps)
         try:
             Converter([top], new_base, pool, opts, progress=bar).run()

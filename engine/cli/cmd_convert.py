@@ -77,7 +77,8 @@ def _parse_snapshot_opts(text: str) -> tuple[str | None, str | None]:
 @click.option("-r", "rate", default=None)
 @click.option("-U", "--force-share", "force_share", is_flag=True)
 @click.option("--target-is-zero", "target_is_zero", is_flag=True)
-@click.option("--workers", "workers", type=int, default=None, help="worker processes (default: CPUs)")
+@click.option("--workers", "workers", type=int, default=None,
+              help="worker processes (default: CPUs with -c, else CPUs - 1, at least 1)")
 @click.argument("files", nargs=-1, required=True)
 def convert_cmd(src_fmt, out_fmt, options, compress, backing, backing_fmt, no_create, coroutines,
                 out_of_order, sparse, progress, quiet, cache, src_cache, snapshot_opt, snapshot_id,
@@ -137,7 +138,7 @@ def convert_cmd(src_fmt, out_fmt, options, compress, backing, backing_fmt, no_cr
     if snapshot is not None and len(sources) > 1:
         die("No support for concatenating multiple snapshot")
 
-    pool, ex = start_pool(workers)
+    pool, ex = start_pool(workers, compress=compress)
     opened = []
     target = None
     bar = None

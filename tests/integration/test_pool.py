@@ -15,9 +15,9 @@ from ipc.wire import IpcError, WorkerDied
 from workers.pool import PoolExecutor, WorkerPool
 
 
-@pytest.fixture
-def pool():
-    p = WorkerPool(2, max_inflight=3)
+@pytest.fixture(params=["fork", "forkserver"])
+def pool(request):
+    p = WorkerPool(2, max_inflight=3, start_method=request.param)
     yield p
     p.close()
 
@@ -130,9 +130,40 @@ def test_worker_errors_come_back_as_errors(pool, tmp_path):
 
 
 def test_version_mismatch_is_refused(monkeypatch):
+    # forkserver: the workers are forks of a fresh interpreter, which speaks the real version
     monkeypatch.setattr(wire, "PROTOCOL_VERSION", 999)
     with pytest.raises(IpcError, match="speaks protocol 1, expected 999"):
-        WorkerPool(1)
+        WorkerPool(1, start_method="forkserver")
+
+
+def test_version_mismatch_is_refused_forked(monkeypatch):
+    # fork: the worker is a copy of this process, so change what its greeting says
+    import types
+
+    import workers.worker
+
+    fake = types.SimpleNamespace(PROTOCOL_VERSION=999, encode=wire.encode, decode=wire.decode,
+                                 error_record=wire.error_record)
+    monkeypatch.setattr(workers.worker, "wire", fake)
+    with pytest.raises(IpcError, match="speaks protocol 999, expected 1"):
+        WorkerPool(1, start_method="fork")
+
+
+def test_automatic_start_method_and_unknown_one():
+    """A pool made while the process has one thread (the CLI's case) forks its workers; a worker started
+    while other threads run (a replacement started by the reader thread, pools made beside other
+    threads, xdist's own threads) comes from the fork server."""
+    single = threading.active_count() == 1
+    p = WorkerPool(1)
+    try:
+        module = type(p.workers[0].proc).__module__
+        assert module.startswith("multiprocessing." if single else "multiprocess."), module
+        assert p._context().get_start_method() == "forkserver"  # the pool's own threads run now
+        assert p.call("pid") == p.pids()[0]
+    finally:
+        p.close()
+    with pytest.raises(ValueError, match="unknown start method"):
+        WorkerPool(1, start_method="spawn")
 
 
 def test_bounded_inflight_and_slots(pool, tmp_path):

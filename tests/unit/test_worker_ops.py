@@ -64,3 +64,32 @@ def test_subtract_sorted_matches_a_set_model(runs, holes):
 def test_touched_units():
     assert touched_units([[0, 1], [4096, 1], [5000, 5000]], 0, 16384, 4096) == [0, 1, 2]
     assert touched_units([[100, 10]], 4096, 8192, 4096) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 2), st.integers(0, 3), st.integers(0, 3), st.integers(1, 5)),
+                max_size=12))
+def test_coalesced_writes_write_the_same_bytes(spec):
+    """Merging scatter writes that continue each other changes no byte of any file."""
+    import itertools
+
+    from ipc.ranges import coalesce_writes
+
+    writes, host, slot = [], 0, 0
+    for handle, hgap, sgap, n in spec:  # gaps of 0 on both sides make mergeable neighbours
+        host, slot = host + hgap, slot + sgap
+        writes.append([handle, host, slot, n])
+        host, slot = host + n, slot + n
+
+    def apply(ws):
+        files: dict = {}
+        for h, off, s_off, n in ws:
+            for k in range(n):
+                files[(h, off + k)] = s_off + k
+        return files
+
+    merged = coalesce_writes(writes)
+    assert apply(merged) == apply(writes)
+    assert len(merged) <= len(writes)
+    assert all(not (a[0] == b[0] and a[1] + a[3] == b[1] and a[2] + a[3] == b[2])
+               for a, b in itertools.pairwise(merged))
