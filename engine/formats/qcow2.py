@@ -682,7 +682,30 @@ class Qcow2Driver(BlockDriver):
         l1i = offset // l2_span
         if l1i >= len(self.l1) or not self.l1[l1i] & L.L1E_OFFSET_MASK:
             return Extent(Status(0), limit, 0, self.file)  # no L2 table: the whole span is unallocated
-        for pos, n, t, host in self._segments(offset, limit):
+        start = offset
+        if not self.ext_l2:
+            # fast path: a run of identical (unallocated, zero) or host-contiguous entries is counted by
+            # comparing the integers of one L2 slice, not cluster by cluster through _segments
+            cs = self.cs
+            in_off = offset & (cs - 1)
+            ncl = (in_off + limit + cs - 1) >> self.cbits
+            table = self._l2_table(self.l1[l1i] & L.L1E_OFFSET_MASK)
+            ents = struct.unpack_from(f">{ncl}Q", table, (offset >> self.cbits) % self.l2_entries * 8)
+            e0 = ents[0]
+            if ncl > 1 and not e0 & L.OFLAG_COMPRESSED:
+                step = cs if e0 & L.L2E_OFFSET_MASK else 0
+                k = 1
+                while k < ncl and ents[k] == e0 + k * step:
+                    k += 1
+                if k > 1:
+                    t0 = L.cluster_type(e0, self.h.version)
+                    host0 = e0 & L.L2E_OFFSET_MASK
+                    host0 = host0 + in_off if host0 else 0
+                    total = min(k * cs - in_off, limit)
+                    first = (t0, host0)
+                    next_host = host0 + total
+                    start = offset + total
+        for pos, n, t, host in self._segments(start, offset + limit - start):
             if first is None:
                 first = (t, host)
                 total = n
