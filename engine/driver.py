@@ -109,6 +109,10 @@ class BlockDriver:
         self.backing = None
         self.file = None
 
+    def debug_event(self, name: str) -> None:
+        """QEMU's BLKDBG_EVENT: a format announces a point of interest on its file child; only the
+        blkdebug filter acts on it."""
+
     # --- control ----------------------------------------------------------------------------------
     def info_specific(self) -> dict[str, Any] | None:
         return None

@@ -46,7 +46,7 @@ def command(name: str, locked: bool = True) -> Callable[[Handler], Handler]:
 class Daemon:
     def __init__(self, executor: Any) -> None:
         # registers the job, bitmap, snapshot and transaction commands
-        from engine.daemon import bitmapcmds, jobcmds, txn  # noqa: F401
+        from engine.daemon import bitmapcmds, jobcmds, nbd, txn  # noqa: F401
 
         self.executor = executor
         self.graph = DaemonGraph(executor)
@@ -97,7 +97,11 @@ class Daemon:
         return {} if res is None else res
 
     async def shutdown(self) -> None:
-        """Cancel jobs, flush and close every node (quit, SIGTERM)."""
+        """Stop the NBD server (clients disconnected, exports closed), cancel jobs, flush and close every
+        node (quit, SIGTERM)."""
+        nbd_server = getattr(self, "nbd_server", None)
+        if nbd_server is not None:
+            await nbd_server.stop()
         await self.jobs.cancel_all()
         async with self.graph.driver_lock:
             for exp in list(self.exports.values()):

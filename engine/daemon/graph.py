@@ -85,7 +85,9 @@ class DaemonGraph(Graph):
         return out
 
     def is_root(self, node: BlockNode) -> bool:
-        return not self.parents(node) and not self.users.get(node.name)
+        """bdrv_is_root_node: no parent that is a node.  BlockBackends (exports, a job's target) do not
+        count; a job on the node does, since QEMU puts its filter node above it."""
+        return not self.parents(node) and not any(k.startswith("job:") for k in self.users.get(node.name, {}))
 
     def root(self, name: Any) -> BlockNode:
         """A job's ``device``: a node without parents.  DeviceNotFound / "Need a root block node"."""
@@ -199,6 +201,12 @@ class DaemonGraph(Graph):
             child = self._ref(opts["file"], opts, created)
             d = FilterDriver(child.driver, "throttle", ro)
             strong = {"throttle-group": throttle_group}
+        elif drv == "blkdebug":
+            from engine.formats.blkdebug import BlkdebugDriver
+
+            child = self._ref(opts["image"], opts, created)
+            d = BlkdebugDriver(child.driver, opts)
+            d.read_only = ro
         else:
             raise InvalidArgument(f"Driver '{drv}' is not supported by parablock yet")
         return self._register(d, name, top, opts, dz, throttle_group, created, strong)
@@ -328,7 +336,7 @@ class DaemonGraph(Graph):
             return
         if read_only:
             d.flush()
-        if f is not None and f.is_protocol and f.read_only != read_only:
+        if f is not None and hasattr(f, "reopen") and f.read_only != read_only:
             f.reopen(read_only)
         backing = d.backing
         d.read_only = read_only
@@ -337,7 +345,7 @@ class DaemonGraph(Graph):
                 d.open({})
             except BaseException:
                 d.read_only = not read_only
-                if f is not None and f.is_protocol:
+                if f is not None and hasattr(f, "reopen"):
                     f.reopen(not read_only)
                 d.open({})
                 raise

@@ -60,8 +60,12 @@ async def _setup(daemon: Daemon, cfg: Any, servers: list[Any]) -> None:
                 srv = MonitorServer(daemon, _chardev_path(chardevs[cid]))
                 await srv.start()
                 servers.append(srv)
-            elif kind in ("nbd-server", "export"):
-                raise StartupError(f"--{kind} is not supported by parablock yet")
+            elif kind == "nbd-server":
+                from engine.daemon.cmdline import nbd_server_start_args
+
+                await daemon.execute("nbd-server-start", nbd_server_start_args(opts))
+            elif kind == "export":
+                await daemon.execute("block-export-add", opts)
         except (BlockError, QmpError) as exc:
             raise StartupError(f"--{kind}: {getattr(exc, 'message', None) or getattr(exc, 'desc', str(exc))}") \
                 from None

@@ -551,6 +551,7 @@ class Qcow2Driver(BlockDriver):
         if t is None:
             if l2_off % self.cs:
                 raise CorruptImage(f"L2 table offset {l2_off:#x} unaligned")
+            self.file.debug_event("l2_load")
             t = bytearray(self.file.read(l2_off, self.cs))
             self.l2_cache[l2_off] = t
         else:
@@ -627,6 +628,7 @@ class Qcow2Driver(BlockDriver):
         def flush_run() -> None:
             nonlocal run_start, run_len
             if run_len:
+                self.file.debug_event("read_aio")
                 out[run_start:run_start + run_len] = self.file.read(run_host, run_len)
             run_start, run_len = -1, 0
 
@@ -754,6 +756,7 @@ class Qcow2Driver(BlockDriver):
     def _refblock(self, off: int) -> bytearray:
         b = self.rb_cache.get(off)
         if b is None:
+            self.file.debug_event("refblock_load")
             b = bytearray(self.file.read(off, self.cs))
             self.rb_cache[off] = b
         return b
@@ -787,6 +790,7 @@ class Qcow2Driver(BlockDriver):
 
     def _ensure_refblock(self, b: int) -> None:
         if b >= len(self.rt):
+            self.file.debug_event("reftable_grow")
             self._grow_refcount_table(b + 1)
         if self.rt[b]:
             return
@@ -872,6 +876,7 @@ class Qcow2Driver(BlockDriver):
 
     def _alloc_clusters(self, n: int) -> int:
         """Allocate ``n`` contiguous clusters (refcount 1 each, in the cache); return the host offset."""
+        self.file.debug_event("cluster_alloc")
         while True:
             s = self._find_free_run(n)
             missing = [b for b in range(s // self.epb, (s + n - 1) // self.epb + 1)
@@ -976,20 +981,24 @@ class Qcow2Driver(BlockDriver):
 
     def _write_refcounts(self) -> None:
         for off in sorted(self.rb_dirty):
+            self.file.debug_event("refblock_update")
             self.file.write(off, bytes(self.rb_cache[off]))
         self.rb_dirty.clear()
         if self.rt_dirty:
             self._sync()
+            self.file.debug_event("reftable_update")
             for b in sorted(self.rt_dirty):
                 self.file.write(self.h.refcount_table_offset + 8 * b, struct.pack(">Q", self.rt[b]))
             self.rt_dirty.clear()
 
     def _write_tables(self) -> None:
         for off in sorted(self.l2_dirty):
+            self.file.debug_event("l2_update")
             self.file.write(off, bytes(self.l2_cache[off]))
         self.l2_dirty.clear()
         if self.l1_dirty:
             self._sync()
+            self.file.debug_event("l1_update")
             lo, hi = min(self.l1_dirty), max(self.l1_dirty)
             self.file.write(self.h.l1_table_offset + 8 * lo, L.pack_u64_table(self.l1[lo:hi + 1]))
             self.l1_dirty.clear()
@@ -1088,6 +1097,7 @@ class Qcow2Driver(BlockDriver):
         return buf
 
     def _write_cluster(self, vc: int, in_off: int, data: memoryview) -> None:
+        self.file.debug_event("write_aio")
         entry, bitmap = self._lookup(vc)
         n = len(data)
         if self.ext_l2:
