@@ -100,3 +100,85 @@ def test_metadata_write_failures_keep_the_image_valid(tmp_path, event):
     assert "corruptions" not in data or data["corruptions"] == 0, data
     assert out.returncode in (0, 3), out.stdout  # clean, or leaked clusters only
     reads(str(tmp_path / "d.qcow2"), (0x11, 0, 65536))
+
+
+def _qcow2_on_blkdebug(name: str, path: str, rules: dict, backing=None) -> list[str]:
+    spec = {"driver": "qcow2", "node-name": name, "backing": backing,
+            "file": {"driver": "blkdebug", "image": {"driver": "file", "filename": path}, **rules}}
+    if backing == "HEADER":
+        del spec["backing"]
+    return ["--blockdev", json.dumps(spec)]
+
+
+def test_stream_stop_policy_on_write_error(qsd, tmp_path):
+    paths = make_chain(tmp_path)
+    d = qsd("--blockdev", json.dumps({"driver": "qcow2", "node-name": "base", "backing": None,
+                                      "file": {"driver": "file", "filename": "base.qcow2"}}),
+            "--blockdev", "driver=qcow2,node-name=mid,file.driver=file,file.filename=mid.qcow2,backing=base",
+            *_qcow2_on_blkdebug("top", "top.qcow2", {"inject-error": [{"event": "write_aio", "errno": 5,
+                                                                        "once": True}]}, backing="mid"))
+    d.ok("block-stream", **{"job-id": "s", "device": "top", "on-error": "stop"})
+    assert d.wait_event("BLOCK_JOB_ERROR", device="s")["data"] == {"device": "s", "operation": "write",
+                                                                    "action": "stop"}
+    d.wait_event("JOB_STATUS_CHANGE", id="s", status="paused")
+    d.ok("job-resume", id="s")
+    done = d.wait_event("BLOCK_JOB_COMPLETED", device="s")
+    assert "error" not in done["data"]
+    d.wait_job_gone("s")
+    assert d.stop() == 0
+    assert "backing file" not in qemu_img("info", str(paths["top"])).stdout
+    reads(str(paths["top"]), (0xaa, 0, MiB), (0xbb, MiB, MiB), (0xcc, 2 * MiB, MiB))
+    assert_qemu_clean(paths["top"])
+
+
+@pytest.mark.parametrize("side,policy,err", [("target", "report", 5), ("source", "ignore", 5),
+                                             ("target", "enospc", 28)])
+def test_mirror_source_and_target_error_policies(qsd, tmp_path, side, policy, err):
+    make_chain(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "tgt.qcow2"), "4M")
+    event = "write_aio" if side == "target" else "read_aio"
+    rules = {"inject-error": [{"event": event, "errno": err, "once": True}]}
+    src_rules = rules if side == "source" else {}
+    tgt_rules = rules if side == "target" else {}
+    d = qsd(*_qcow2_on_blkdebug("src", "top.qcow2", src_rules, backing="HEADER"),
+            *_qcow2_on_blkdebug("tgt", "tgt.qcow2", tgt_rules))
+    key = "on-target-error" if side == "target" else "on-source-error"
+    d.ok("blockdev-mirror", **{"job-id": "m", "device": "src", "target": "tgt", "sync": "full", key: policy})
+    expect = "stop" if err == 28 else policy
+    e = d.wait_event("BLOCK_JOB_ERROR", device="m")
+    assert e["data"] == {"device": "m", "operation": "write" if side == "target" else "read", "action": expect}
+    if expect == "report":
+        done = d.wait_event("BLOCK_JOB_COMPLETED", device="m")
+        assert done["data"]["error"] == "Input/output error"
+    else:
+        if expect == "stop":
+            d.wait_event("JOB_STATUS_CHANGE", id="m", status="paused")
+            assert d.ok("query-block-jobs")[0]["io-status"] == "nospace"
+            d.ok("job-resume", id="m")
+        d.wait_event("BLOCK_JOB_READY", device="m")
+        d.ok("job-complete", id="m")
+        d.wait_job_gone("m")
+    assert d.stop() == 0
+    assert_qemu_clean(tmp_path / "tgt.qcow2")
+    if expect != "report":
+        reads(str(tmp_path / "tgt.qcow2"), (0xaa, 0, MiB), (0xbb, MiB, MiB), (0xcc, 2 * MiB, MiB))
+
+
+def test_backup_target_enospc_pauses_then_completes(qsd, tmp_path):
+    paths = make_chain(tmp_path)
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "bk.qcow2"), "4M")
+    d = qsd("--blockdev", "driver=qcow2,node-name=top,file.driver=file,file.filename=top.qcow2",
+            *_qcow2_on_blkdebug("bk", "bk.qcow2", {"inject-error": [{"event": "write_aio", "errno": 28,
+                                                                      "once": True}]}))
+    d.ok("blockdev-backup", **{"job-id": "b", "device": "top", "target": "bk", "sync": "full",
+                               "on-target-error": "enospc"})
+    assert d.wait_event("BLOCK_JOB_ERROR", device="b")["data"]["action"] == "stop"
+    d.wait_event("JOB_STATUS_CHANGE", id="b", status="paused")
+    d.ok("job-resume", id="b")
+    done = d.wait_event("BLOCK_JOB_COMPLETED", device="b")
+    assert "error" not in done["data"]
+    d.wait_job_gone("b")
+    assert d.stop() == 0
+    assert_qemu_clean(tmp_path / "bk.qcow2")
+    assert qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(tmp_path / "bk.qcow2"),
+                    str(paths["top"])).returncode == 0
