@@ -17,6 +17,16 @@ from engine.jobs.mirror import ActiveCommitJob, MirrorJob
 from engine.pipeline import BlockNode
 
 
+def _has_writer(d: Daemon, node: BlockNode) -> bool:
+    """Whether a parent other than the chain holds WRITE on ``node``: a writable export of it."""
+    for key in d.graph.users.get(node.name, {}):
+        if key.startswith("export:"):
+            exp = d.exports.get(key[len("export:"):])
+            if exp is not None and getattr(exp, "writable", False):
+                return True
+    return False
+
+
 def _job_opts(a: dict[str, Any]) -> dict[str, Any]:
     speed = a.get("speed", 0)
     if speed < 0:
@@ -122,8 +132,12 @@ def block_commit(d: Daemon, a: dict[str, Any]) -> Any:
         raise QmpError("cannot commit an image into itself")
     for n in top_chain[:top_chain.index(base) + 1]:
         _check_busy(d, n)
-    if top is bs:
+    writer = top is not bs and _has_writer(d, top)
+    if top is bs or writer:
+        # active commit: top is the active layer, or something writes to it (a writable export)
         if "backing-file" in a:
+            if writer:
+                raise QmpError("'backing-file' specified, but 'top' has a writer on it")
             raise QmpError("'backing-file' specified, but 'top' is the active layer")
         opts = _job_opts(a)
         job_id = d.jobs.check_new_id(a.get("job-id", ""))
