@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.driver import BlockDriver, driver_class
 from engine.errors import BlockError, DeviceNotFound, ImageOpenError, InvalidArgument
-from engine.formats.file import FileDriver
+from engine.formats.file import FileDriver, perms_for
 from engine.formats.filters import FilterDriver
 from engine.formats.null import NULL_DEFAULT_SIZE, NullDriver
 from engine.image import open_image, path_combine
@@ -170,6 +170,8 @@ class DaemonGraph(Graph):
         strong: dict[str, Any] = {}
         if drv == "file":
             d: BlockDriver = FileDriver(opts["filename"], ex, ro)
+            # QEMU locks a file for the permissions its parents take: none until a format node uses it
+            d.locking = opts.get("locking", "auto") != "off"
         elif drv in ("null-co", "null-aio"):
             d = NullDriver(f"{drv}://", ex, ro, size=opts.get("size", NULL_DEFAULT_SIZE),
                            read_zeroes=bool(opts.get("read-zeroes", False)),
@@ -179,6 +181,13 @@ class DaemonGraph(Graph):
             child = self._ref(opts["file"], opts, created)
             d = driver_class(drv)(child.driver.filename, ex, ro)
             d.file = child.driver
+            if isinstance(child.driver, FileDriver) and getattr(child.driver, "locking", False):
+                try:
+                    child.driver.lock(*perms_for(ro, bool(opts.get("force-share"))))
+                except BlockError:
+                    d.file = None
+                    d.close()
+                    raise
             if drv == "raw" and (opts.get("offset") or "size" in opts):
                 d.close()
                 raise InvalidArgument("raw: 'offset' and 'size' are not supported yet")
@@ -251,6 +260,15 @@ class DaemonGraph(Graph):
             chain = open_image(path, self.executor, d.backing_format, read_only=True)
         except ImageOpenError as exc:
             raise ImageOpenError(f"Could not open backing file: {exc.message}", errno=exc.errno) from None
+        try:  # the chain's files are locked as QEMU locks backing files: read, and no writer shared
+            cur0: BlockDriver | None = chain
+            while cur0 is not None:
+                if isinstance(cur0.file, FileDriver) and opts.get("locking", "auto") != "off":
+                    cur0.file.lock(*perms_for(True, bool(opts.get("force-share"))))
+                cur0 = cur0.backing
+        except BlockError as exc:
+            chain.close()
+            raise BlockError(f"Could not open backing file: {exc.message}") from None
         d.backing = chain
         # register the chain as implicit nodes in QEMU's opening order: top down, file before format;
         # backing nodes inherit cache.direct/no-flush (bdrv_backing_options)
@@ -296,8 +314,11 @@ class DaemonGraph(Graph):
         """Close ``node`` and free its implicit children that nothing else uses."""
         d = node.driver
         kids = [self.node_of(d.file), self.node_of(d.backing)]
+        kept_file = d.file if isinstance(d.file, FileDriver) and kids[0] is not None and kids[0].owned else None
         try:
             node.close()
+            if kept_file is not None:
+                kept_file.unlock()  # the file node stays, without a user: its locks go
         finally:
             if node.name in self.order:
                 self.order.remove(node.name)

@@ -5,13 +5,39 @@ SEEK_DATA/SEEK_HOLE through the executor.
 """
 from __future__ import annotations
 
+import fcntl
+import os
+import struct
 from typing import TYPE_CHECKING
 
 from engine.driver import BlockDriver, Extent, Status, register
-from engine.errors import ImageOpenError, os_error_text
+from engine.errors import BlockError, ImageOpenError, os_error_text
 
 if TYPE_CHECKING:
     from ipc.executor import Executor
+
+
+# QEMU's image locking (block/file-posix.c): open-file-description locks on single bytes.  A node holding
+# permission bit i read-locks byte 100+i; a node not sharing permission i read-locks byte 200+i.  Before
+# taking them, a conflict is any lock another description holds on 200+i for a permission we want, or on
+# 100+i for a permission we do not share.  qemu-img, qemu-io and qemu-storage-daemon honour the same bytes.
+PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, PERM_RESIZE = 1, 2, 4, 8
+PERM_ALL = 15
+_PERM_NAMES = ("consistent read", "write", "write unchanged", "resize")
+_LOCK_PERM_BASE, _LOCK_SHARED_BASE = 100, 200
+_FLOCK = "hhqqi4x"
+
+
+def _lock_byte(fd: int, cmd: int, ltype: int, offset: int) -> int:
+    res = fcntl.fcntl(fd, cmd, struct.pack(_FLOCK, ltype, os.SEEK_SET, offset, 1, 0))
+    return struct.unpack(_FLOCK, res)[0]
+
+
+def perms_for(read_only: bool, force_share: bool = False) -> tuple[int, int]:
+    """(permissions taken, permissions shared) of a file under a format node, as QEMU derives them."""
+    if read_only:
+        return PERM_CONSISTENT_READ, PERM_ALL if force_share else PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED
+    return PERM_ALL, PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED
 
 
 @register
@@ -32,6 +58,8 @@ class FileDriver(BlockDriver):
         self._closed = False
         self._size: int | None = None
         self.cache_unsafe = False
+        self._locks: tuple[int, int] | None = None
+        self.locking = False
 
     def size(self) -> int:
         if self.read_only:  # nobody writes through a read-only node: stat once
@@ -82,6 +110,43 @@ class FileDriver(BlockDriver):
             flags |= Status.EOF
         return Extent(flags, ext.length, offset, self)
 
+    def _raw_fd(self) -> int:
+        local = getattr(self.executor, "local", self.executor)
+        return local._fd(self.handle)
+
+    def _unlock(self, handle: int) -> None:
+        local = getattr(self.executor, "local", self.executor)
+        fd = local._fd(handle)
+        for i in range(len(_PERM_NAMES)):
+            for base in (_LOCK_PERM_BASE, _LOCK_SHARED_BASE):
+                _lock_byte(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, base + i)
+        self._locks = None
+
+    def unlock(self) -> None:
+        if self._locks is not None and not self._closed:
+            self._unlock(self.handle)
+
+    def lock(self, perm: int, shared: int) -> None:
+        """Take QEMU's image locks for ``perm``/``shared`` on this file (locking=on/auto).  Raises
+        BlockError("Failed to get \"write\" lock") and the like when another process holds a conflicting
+        lock; nothing is locked then."""
+        fd = self._raw_fd()
+        for i, name in enumerate(_PERM_NAMES):
+            bit = 1 << i
+            if perm & bit and _lock_byte(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, _LOCK_SHARED_BASE + i) \
+                    != fcntl.F_UNLCK:
+                raise BlockError(f'Failed to get "{name}" lock')
+        for i, name in enumerate(_PERM_NAMES):
+            bit = 1 << i
+            if not shared & bit and _lock_byte(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, _LOCK_PERM_BASE + i) \
+                    != fcntl.F_UNLCK:
+                raise BlockError(f'Failed to get shared "{name}" lock')
+        for i in range(len(_PERM_NAMES)):
+            bit = 1 << i
+            for base, held in ((_LOCK_PERM_BASE, perm & bit), (_LOCK_SHARED_BASE, not shared & bit)):
+                _lock_byte(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK if held else fcntl.F_UNLCK, base + i)
+        self._locks = (perm, shared)
+
     def reopen(self, read_only: bool) -> None:
         """Switch between read-only and read-write (QEMU's bdrv_reopen): a new handle replaces the old one.
         Raises ImageOpenError (e.g. no write permission), leaving the node as it was."""
@@ -95,6 +160,17 @@ class FileDriver(BlockDriver):
         old, self.handle = self.handle, handle
         self.read_only = read_only
         self._size = None
+        if self._locks is not None:
+            old_locks = self._locks
+            self._unlock(old)  # our own old locks must not count as another user's
+            try:
+                self.lock(*perms_for(read_only))
+            except BlockError:
+                self.handle = old
+                self.read_only = not read_only
+                self.executor.close(handle)
+                self.lock(*old_locks)
+                raise
         self.executor.close(old)
 
     def close(self) -> None:

@@ -41,7 +41,7 @@ def bitmaps_of(nodes: list[dict], name: str) -> list[dict] | None:
 
 
 def image_bitmaps(path) -> list[dict] | None:
-    data = json.loads(qemu_img("info", "--output=json", str(path)).stdout)
+    data = json.loads(qemu_img("info", "-U", "--output=json", str(path)).stdout)
     return data["format-specific"]["data"].get("bitmaps")
 
 

@@ -147,3 +147,43 @@ def test_blockdev_del_refused_while_a_job_uses_the_node(qsd, tmp_path):
     d.ok("blockdev-del", **{"node-name": "b"})
     d.ok("blockdev-del", **{"node-name": "a"})
     assert d.ok("query-named-block-nodes") == []
+
+
+def test_image_locks_are_qemus(qsd, tmp_path):
+    """The daemon locks images the way QEMU does (OFD locks on bytes 100+ / 200+), so qemu-img and qemu-io
+    refuse to touch an image it writes, exactly as they refuse with qemu-storage-daemon, and a second
+    daemon cannot open it read-write either."""
+    from tests.daemon.conftest import start_daemon
+
+    img = tmp_path / "d.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "4M")
+    d = qsd("--blockdev", "driver=qcow2,node-name=d,file.driver=file,file.filename=d.qcow2")
+    out = qemu_img("info", str(img), check=False)
+    assert out.returncode == 1 and 'Failed to get shared "write" lock' in out.stderr
+    assert qemu_img("info", "-U", str(img)).returncode == 0
+    from tests.util import qemu_io
+
+    out = qemu_io("-c", "write 0 512", str(img), check=False)
+    assert 'Failed to get "write" lock' in out.stderr + out.stdout
+    other = tmp_path / "o"
+    other.mkdir()
+    d2 = start_daemon(other)
+    try:
+        assert d2.err("blockdev-add", **{"driver": "qcow2", "node-name": "x",
+                                         "file": {"driver": "file", "filename": str(img)}}) == \
+            ("GenericError", 'Failed to get "write" lock')
+        d2.ok("blockdev-add", **{"driver": "qcow2", "node-name": "y", "read-only": True, "force-share": True,
+                                 "file": {"driver": "file", "filename": str(img)}})
+    finally:
+        assert d2.stop() == 0
+        d2.proc.stdout.close()
+        d2.proc.stderr.close()
+    # read-only users share: reading is fine while the daemon has the image read-only
+    d.ok("blockdev-reopen", options=[{"driver": "qcow2", "node-name": "d", "read-only": True,
+                                      "file": {"driver": "file", "filename": "d.qcow2"}}])
+    assert qemu_img("info", str(img)).returncode == 0
+    out = qemu_io("-c", "write 0 512", str(img), check=False)  # but writers are still kept out
+    assert 'Failed to get "write" lock' in out.stderr + out.stdout
+    assert d.stop() == 0
+    assert qemu_img("info", str(img)).returncode == 0
+    assert_qemu_clean(img)

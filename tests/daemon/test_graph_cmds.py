@@ -137,14 +137,14 @@ def test_blockdev_add_drivers_and_options(qsd, tmp_path):
     assert info["b"]["file"] == "base.qcow2" and "backing_file" not in info["b"]
 
     # backing = an existing node that is what the header names (mid -> base.qcow2): a plain filename
-    d.ok("blockdev-add", **{"driver": "qcow2", "node-name": "t2", "backing": "b",
-                            "file": {"driver": "file", "filename": "mid.qcow2"}})
+    d.ok("blockdev-add", **{"driver": "qcow2", "node-name": "t2", "backing": "b", "read-only": True,
+                            "force-share": True, "file": {"driver": "file", "filename": "mid.qcow2"}})
     t2 = nodes(d)["t2"]
     assert (t2["file"], t2["backing_file"], t2["backing_file_depth"]) == ("mid.qcow2", "base.qcow2", 1)
     assert t2["image"]["backing-filename"] == "base.qcow2"
     # backing null on an image whose header names a backing file: overridden
-    d.ok("blockdev-add", **{"driver": "qcow2", "node-name": "m0", "backing": None,
-                            "file": {"driver": "file", "filename": "over.qcow2"}})
+    d.ok("blockdev-add", **{"driver": "qcow2", "node-name": "m0", "backing": None, "read-only": True,
+                            "force-share": True, "file": {"driver": "file", "filename": "over.qcow2"}})
     m0 = nodes(d)["m0"]
     assert m0["file"] == ('json:{"backing": null, "driver": "qcow2", "file": '
                           '{"driver": "file", "filename": "over.qcow2"}}')
@@ -153,7 +153,7 @@ def test_blockdev_add_drivers_and_options(qsd, tmp_path):
     # follows the node while image.backing-filename keeps the header string
     d.ok("blockdev-add", **{"driver": "qcow2", "node-name": "m1", "backing": "rb",
                             "file": {"driver": "file", "filename": "top.qcow2", "read-only": True},
-                            "read-only": True})
+                            "read-only": True, "force-share": True})
     m1 = nodes(d)["m1"]
     assert m1["file"] == ('json:{"backing": {"driver": "raw", "file": {"driver": "file", "filename": '
                           '"r.raw"}}, "driver": "qcow2", "file": {"driver": "file", "filename": "top.qcow2"}}')
@@ -226,9 +226,10 @@ def test_blockdev_del(qsd, tmp_path):
     d = qsd(*chain_blockdevs(), workers=1)
     d.ok("blockdev-add", **{"driver": "raw", "node-name": "r",
                             "file": {"driver": "file", "node-name": "rf", "filename": "r.raw"}})
+    # top.qcow2 is open read-write in this daemon: a second reader must share writes (image locking)
     d.ok("blockdev-add", **{"driver": "qcow2", "node-name": "hdr",
                             "file": {"driver": "file", "filename": "top.qcow2", "read-only": True},
-                            "read-only": True})
+                            "read-only": True, "force-share": True})
     implicit = [n for n in names(d) if n.startswith("#")]
     assert len(implicit) == 5  # hdr's file, mid + file, base + file
     assert d.err("blockdev-del", **{"node-name": "nope"}) == \

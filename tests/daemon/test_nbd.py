@@ -50,7 +50,9 @@ def merged_map(entries: list[dict]) -> list[tuple[int, int, bool, bool]]:
 
 
 def img_map(*args: str) -> list[dict]:
-    return json.loads(qemu_img("map", "--output=json", *args).stdout)
+    # -U: the daemon holds the image open read-write and locked, as qemu-storage-daemon does
+    share = [] if "--image-opts" in args else ["-U"]
+    return json.loads(qemu_img("map", *share, "--output=json", *args).stdout)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,7 +145,7 @@ def test_qemu_img_info_map_convert_and_nbdinfo(qsd, tmp_path):
     assert merged_map(img_map(uri(sock, "chain"))) == chain_want
     out = tmp_path / "out.raw"
     qemu_img("convert", "-O", "raw", uri(sock, "img"), str(out))
-    qemu_img("compare", "-f", "raw", "-F", "qcow2", str(out), str(img))
+    qemu_img("compare", "-U", "-f", "raw", "-F", "qcow2", str(out), str(img))
     if NBDINFO:
         listing = run([NBDINFO, "--list", "--json", uri(sock)]).stdout
         exports = {e["export-name"]: e for e in json.loads(listing)["exports"]}
