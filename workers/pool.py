@@ -99,6 +99,8 @@ class WorkerPool:
         self._next_id = 1
         self._files: dict[int, tuple[str, bool]] = {}
         self._closing = False
+        #: held while a replacement is being started, so close() never misses it
+        self._spawn_lock = threading.Lock()
         self._start_error: Exception | None = None
         self.replacements = 0
         self.record_latency = False  # per-worker request latencies (parablock bench)
@@ -317,21 +319,24 @@ class WorkerPool:
             fut.set_exception(WorkerDied(f"worker {w.index} (pid {w.pid}) died (exit code {code}) while "
                                          f"running '{op}'"))
         self._reap(w)
-        with self._cond:
-            if self._closing:
-                self._cond.notify_all()
-                return
-        try:
-            new = self._spawn(w.index)
-        except OSError as exc:
+        with self._spawn_lock:  # close() waits for a replacement in progress, then shuts it down too
             with self._cond:
-                self._start_error = IpcError(f"could not replace worker {w.index}: {exc}")
-                self._cond.notify_all()
-            return
-        with self._cond:
-            self.workers[self.workers.index(w)] = new
-            self.replacements += 1
-        threading.Thread(target=self._start_worker, args=(new,), daemon=True).start()
+                if self._closing:
+                    self._cond.notify_all()
+                    return
+            try:
+                new = self._spawn(w.index)
+            except (OSError, ValueError) as exc:
+                with self._cond:
+                    self._start_error = IpcError(f"could not replace worker {w.index}: {exc}")
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self.workers[self.workers.index(w)] = new
+                self.replacements += 1
+            t = threading.Thread(target=self._start_worker, args=(new,), daemon=True)
+            self._starters.append(t)
+            t.start()
 
     # --- submitting ---------------------------------------------------------------------------------
     def submit(self, op: str, args: list, timeout: float | None = 60.0) -> Future:
@@ -465,6 +470,8 @@ class WorkerPool:
                 return
             self._closing = True
             self._cond.notify_all()
+        with self._spawn_lock:  # a replacement being started is in self.workers once this returns
+            pass
         self._wake_reader()
         for w in self.workers:
             if w.alive:

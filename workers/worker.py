@@ -316,9 +316,29 @@ def _gather_piece(w: "Worker", view: memoryview, piece: list) -> None:
         raise ValueError(f"unknown gather piece kind '{kind}'")
 
 
+def _die_with_parent() -> None:
+    """A worker must not outlive the process that started it (a coordinator killed with SIGKILL, or the
+    fork server that exits with it): ask the kernel for SIGKILL when the parent goes (PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+        import signal as _signal
+
+        parent = os.getppid()
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(_signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass
+
+
 def worker_main(conn, owner_pid: int, fd: int, nslots: int, slot_size: int) -> None:
     """Entry point of a spawned worker process."""
-    slots = SlotView(owner_pid, fd, nslots, slot_size)
+    _die_with_parent()
+    try:
+        slots = SlotView(owner_pid, fd, nslots, slot_size)
+    except OSError:  # the pool closed (its segment is gone) before this worker came up: just go
+        conn.close()
+        os._exit(1)
     w = Worker(slots)
     conn.send_bytes(wire.encode(["hello", wire.PROTOCOL_VERSION, os.getpid()]))
     try:

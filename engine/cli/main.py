@@ -14,6 +14,7 @@ import click
 
 from engine.cli.common import PROG, CliExit
 from engine.errors import BlockError, os_error_text
+from ipc.wire import IpcError
 
 
 class LazyGroup(click.Group):
@@ -83,6 +84,9 @@ def _run(argv: list[str] | None) -> int:
         return 1
     except BlockError as exc:
         print(f"{PROG}: {exc.message}", file=sys.stderr)
+        return 1
+    except IpcError as exc:  # a worker died or the pool could not start: an I/O failure, not a bug
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         name = f"'{exc.filename}': " if exc.filename else ""

@@ -72,6 +72,8 @@ class FileDriver(BlockDriver):
         return self.executor.stat(self.handle).allocated
 
     def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or offset + length > (1 << 63) - 1:  # a corrupt table pointing nowhere
+            raise BlockError(f"Invalid read offset {offset:#x}", errno=22)
         return self.executor.pread(self.handle, offset, length)
 
     def write(self, offset: int, data: bytes) -> None:

@@ -756,6 +756,8 @@ class Qcow2Driver(BlockDriver):
     def _refblock(self, off: int) -> bytearray:
         b = self.rb_cache.get(off)
         if b is None:
+            if off % self.cs or off > (1 << 62):
+                raise CorruptImage(f"Refblock offset {off:#x} unaligned or invalid")
             self.file.debug_event("refblock_load")
             b = bytearray(self.file.read(off, self.cs))
             self.rb_cache[off] = b

@@ -197,17 +197,24 @@ def parse_header(buf: bytes, file_size: int | None = None) -> Qcow2Header:
         raise ImageOpenError("L1 table is too small")
     if l1_size > (32 << 20) // 8:
         raise ImageOpenError("Active L1 table too large")
+    if l1_off > (1 << 62) or rt_off > (1 << 62) or (nb_snap and snap_off > (1 << 62)):
+        raise ImageOpenError("Active L1 table offset invalid" if l1_off > (1 << 62) else
+                             "Reference count table offset invalid" if rt_off > (1 << 62) else
+                             "Snapshot table offset invalid")
+    if bfo > cs:
+        raise ImageOpenError("Invalid backing file offset")
     _parse_extensions(h, buf, cs)
     if bfo:
         if bfs > 1023 or bfo + bfs > min(len(buf), cs):
             raise ImageOpenError("Backing file name too long")
-        h.backing_file = bytes(buf[bfo:bfo + bfs]).decode("utf-8", "replace")
+        # a C string, as QEMU reads it: anything after a NUL byte is not part of the name
+        h.backing_file = bytes(buf[bfo:bfo + bfs]).split(b"\0", 1)[0].decode("utf-8", "replace")
     return h
 
 
 def _parse_extensions(h: Qcow2Header, buf: bytes, cs: int) -> None:
     off = h.header_length
-    end = h.backing_file_offset if h.backing_file_offset else min(len(buf), cs)
+    end = min(h.backing_file_offset or cs, len(buf), cs)
     seen: set[int] = set()
     while off + 8 <= end:
         etype, elen = struct.unpack_from(">II", buf, off)
