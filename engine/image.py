@@ -39,7 +39,7 @@ def probe_file(filename: str, executor: "Executor") -> str:
 
 def open_image(filename: str, executor: "Executor", fmt: str | None = None, read_only: bool = True,
                backing: bool = True, options: dict[str, Any] | None = None, _depth: int = 0,
-               _seen: frozenset[str] = frozenset()) -> BlockDriver:
+               _seen: frozenset[str] = frozenset(), probe_raw: bool = True) -> BlockDriver:
     """Open ``filename`` as a format node (probing when ``fmt`` is None) with its backing chain.
 
     Raises ImageOpenError (missing file, unknown format, unsupported or corrupt header, a backing file
@@ -52,6 +52,11 @@ def open_image(filename: str, executor: "Executor", fmt: str | None = None, read
         raise ImageOpenError(f"Backing file '{filename}' creates a loop in the backing chain")
     if fmt is None:
         fmt = probe_file(filename, executor)
+        if fmt == "raw" and not probe_raw:
+            # the daemon's safe default: a file whose format nobody recorded is never taken for raw
+            # (a raw backing file whose contents look like an image header would be misread)
+            raise ImageOpenError(f"'{filename}' has no recorded format and would be probed as raw; "
+                                 "give its format explicitly")
     cls = driver_class(fmt)
     if cls.is_protocol:
         node = FileDriver(filename, executor, read_only)
@@ -65,7 +70,8 @@ def open_image(filename: str, executor: "Executor", fmt: str | None = None, read
             bname = path_combine(filename, node.backing_filename)
             try:
                 node.backing = open_image(bname, executor, node.backing_format, read_only=True,
-                                          backing=True, _depth=_depth + 1, _seen=_seen | {real})
+                                          backing=True, _depth=_depth + 1, _seen=_seen | {real},
+                                          probe_raw=probe_raw)
             except ImageOpenError as exc:
                 raise ImageOpenError(f"Could not open backing file: {exc.message}", errno=exc.errno) from None
     except BaseException:

@@ -257,7 +257,7 @@ class DaemonGraph(Graph):
             return
         path = path_combine(d.filename, d.backing_filename)
         try:
-            chain = open_image(path, self.executor, d.backing_format, read_only=True)
+            chain = open_image(path, self.executor, d.backing_format, read_only=True, probe_raw=False)
         except ImageOpenError as exc:
             raise ImageOpenError(f"Could not open backing file: {exc.message}", errno=exc.errno) from None
         try:  # the chain's files are locked as QEMU locks backing files: read, and no writer shared

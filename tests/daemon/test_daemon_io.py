@@ -187,3 +187,38 @@ def test_image_locks_are_qemus(qsd, tmp_path):
     assert d.stop() == 0
     assert qemu_img("info", str(img)).returncode == 0
     assert_qemu_clean(img)
+
+
+def _drop_backing_format(path) -> None:
+    """Turn the backing-format header extension into an unknown (ignored) one: the image then records a
+    backing file name but no format, as old qemu-img versions wrote them."""
+    import struct
+
+    b = bytearray(path.read_bytes())
+    off = struct.unpack_from(">I", b, 100)[0]  # header_length (v3)
+    while True:
+        etype, elen = struct.unpack_from(">II", b, off)
+        if etype == 0:
+            break
+        if etype == 0xE2792ACA:
+            struct.pack_into(">I", b, off, 0x12345678)
+        off += 8 + ((elen + 7) & ~7)
+    path.write_bytes(bytes(b))
+
+
+def test_backing_file_never_probed_as_raw_without_a_format(qsd, tmp_path):
+    qemu_img("create", "-q", "-f", "raw", str(tmp_path / "r.raw"), "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "r.raw", "-F", "raw", str(tmp_path / "o.qcow2"))
+    _drop_backing_format(tmp_path / "o.qcow2")
+    assert "backing file format" not in qemu_img("info", str(tmp_path / "o.qcow2")).stdout
+    d = qsd()
+    cls, desc = d.err("blockdev-add", **{"driver": "qcow2", "node-name": "o",
+                                         "file": {"driver": "file", "filename": "o.qcow2"}})
+    assert cls == "GenericError" and desc.startswith("Could not open backing file: ") \
+        and "would be probed as raw" in desc
+    assert d.ok("query-named-block-nodes") == []
+    # naming the backing node (and so its format) explicitly is the way
+    d.ok("blockdev-add", **{"driver": "qcow2", "node-name": "o", "backing": {
+        "driver": "raw", "node-name": "rb", "file": {"driver": "file", "filename": "r.raw"}},
+        "file": {"driver": "file", "filename": "o.qcow2"}})
+    assert d.stop() == 0
