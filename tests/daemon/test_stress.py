@@ -219,3 +219,30 @@ def test_nbd_stress_during_backup(qsd, tmp_path):
     assert qemu_compare(before, src, "qcow2", "qcow2").returncode == 1  # the source did change
     assert_qemu_clean(tgt)
     assert_qemu_clean(src)
+
+
+@needs_qemu
+def test_nbd_stress_during_commit(qsd, tmp_path):
+    """Verified load on the active layer while an intermediate commit copies mid into base: the load
+    sees no mismatch, and base ends up holding exactly what mid held over base before the job."""
+    from tests.daemon.conftest import chain_blockdevs, make_chain
+
+    paths = make_chain(tmp_path, "8M")
+    qemu_io("-c", "write -P 0x42 4M 2M", str(paths["mid"]))
+    expected = tmp_path / "expected.raw"
+    qemu_img("convert", "-O", "raw", str(paths["mid"]), str(expected))  # mid over base, before the job
+    d, sock = start(qsd, tmp_path, *chain_blockdevs(), "--export", "type=nbd,id=e0,node-name=top,writable=on")
+    d.ok("block-commit", **{"job-id": "c"}, device="top", **{"top-node": "mid", "base-node": "base"},
+         speed=MiB // 2)
+    proc = _stress_proc("--nbd", uri(sock, "top"), "-t", "2", "-j", "8", "--seed", "41")
+    rep = _finish(proc)
+    assert rep["operations"]["write"]["ops"] > 50
+    assert d.ok("query-jobs")[0]["id"] == "c"  # the load ran while the commit did
+    d.ok("block-job-set-speed", device="c", speed=0)
+    done = d.wait_event("BLOCK_JOB_COMPLETED", device="c")
+    assert "error" not in done["data"], done
+    assert d.stop() == 0
+    cmp = qemu_compare(expected, paths["base"], "raw", "qcow2")
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    for p in paths.values():
+        assert_qemu_clean(p)
