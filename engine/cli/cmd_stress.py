@@ -119,11 +119,14 @@ def _size(text: str, what: str) -> int:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--output", type=click.Choice(["human", "json"]), default="human", show_default=True)
 @click.option("--workers", type=int, default=None, help="worker processes (in-process mode)")
+@click.option("--tolerate-errors", is_flag=True,
+              help="count I/O errors the target reports (e.g. injected faults) and go on; failed writes "
+                   "make their range unknown")
 @click.option("--inject-corruption", is_flag=True, hidden=True,
               help="self-test: change one verified byte behind the model's back before the final pass")
 @click.argument("image", required=False)
 def stress_cmd(fmt, nbd_uri, connections, count, seconds, clients, pattern, mix, size_min, size_max, align,
-               seed, output, workers, inject_corruption, image):
+               seed, output, workers, tolerate_errors, inject_corruption, image):
     """Verify an image or NBD export under concurrent random I/O."""
     from engine.stress import StressConfig, StressError, parse_mix
 
@@ -132,7 +135,8 @@ def stress_cmd(fmt, nbd_uri, connections, count, seconds, clients, pattern, mix,
     try:
         cfg = StressConfig(count=count, seconds=seconds, clients=clients, pattern=pattern, mix=parse_mix(mix),
                            size_min=_size(size_min, "--size-min"), size_max=_size(size_max, "--size-max"),
-                           align=_size(align, "--align"), seed=seed, inject_corruption=inject_corruption)
+                           align=_size(align, "--align"), seed=seed, inject_corruption=inject_corruption,
+                           tolerate_errors=tolerate_errors)
     except StressError as exc:
         die(str(exc))
     if nbd_uri is not None:

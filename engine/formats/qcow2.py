@@ -944,6 +944,15 @@ class Qcow2Driver(BlockDriver):
             self.free_byte_offset = 0
         return off
 
+    def _write_new_cluster(self, host: int, buf: bytearray) -> None:
+        """Write a freshly allocated cluster's data; if that fails, give the cluster back (QEMU's
+        qcow2_alloc_cluster_abort) so a failed write leaks nothing."""
+        try:
+            self.file.write(host, bytes(buf))
+        except BaseException:
+            self._free_range(host, self.cs)
+            raise
+
     def _free_range(self, off: int, length: int) -> None:
         """Queue a refcount decrement of every cluster touched by [off, off+length)."""
         if length > 0:
@@ -1125,7 +1134,7 @@ class Qcow2Driver(BlockDriver):
             buf[in_off:in_off + n] = data
         table, i = self._l2_for_write(vc)
         new = self._alloc_clusters(1)
-        self.file.write(new, bytes(buf))
+        self._write_new_cluster(new, buf)
         self._set_entry(table, i, new | L.OFLAG_COPIED)
         self.l2_dirty.add(self._table_off(vc))
         if t in (T.NORMAL, T.ZERO_ALLOC, T.COMPRESSED):
@@ -1178,7 +1187,7 @@ class Qcow2Driver(BlockDriver):
             new_bitmap &= ~(1 << (32 + sc))
         # zero flags of allocated subclusters are meaningless; keep the pair exclusive
         new_bitmap &= ~((new_bitmap & 0xFFFFFFFF) << 32)
-        self.file.write(new, bytes(view))
+        self._write_new_cluster(new, view)
         self._set_entry(table, i, new | L.OFLAG_COPIED, new_bitmap)
         self.l2_dirty.add(self._table_off(vc))
         if host or compressed:

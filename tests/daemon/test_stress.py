@@ -246,3 +246,31 @@ def test_nbd_stress_during_commit(qsd, tmp_path):
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
     for p in paths.values():
         assert_qemu_clean(p)
+
+
+@needs_qemu
+def test_nbd_stress_with_injected_faults_finishes_exact(qsd, tmp_path):
+    """A stress run over an export whose image sits on blkdebug, with write and read errors injected
+    (each once, after the baseline): the errors reach the client, are counted, and everything the run
+    could know reads back exactly; the image stays valid."""
+    import json as _json_mod
+
+    src = tmp_path / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(src), "8M")
+    qemu_io("-c", "write -P 0x31 0 3M", str(src))
+    spec = {"driver": "qcow2", "node-name": "src", "backing": None,
+            "file": {"driver": "blkdebug", "image": {"driver": "file", "filename": str(src)},
+                     "set-state": [{"event": "write_aio", "state": 1, "new_state": 2}],
+                     "inject-error": [{"event": "write_aio", "state": 2, "errno": 5, "once": True},
+                                      {"event": "read_aio", "state": 2, "errno": 5, "once": True,
+                                       "iotype": "read"}]}}
+    d, sock = start(qsd, tmp_path, "--blockdev", _json_mod.dumps(spec),
+                    "--export", "type=nbd,id=e0,node-name=src,writable=on")
+    p = parablock("stress", "--nbd", uri(sock, "src"), "-c", "800", "-j", "6", "--seed", "51",
+                  "--tolerate-errors", "--output", "json", check=False)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rep = _json_mod.loads(p.stdout)
+    assert sum(op.get("errors", 0) for op in rep["operations"].values()) >= 2
+    _assert_clean_run(rep)
+    assert d.stop() == 0
+    assert_qemu_clean(src)
