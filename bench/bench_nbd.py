@@ -2,7 +2,8 @@
 
 Both servers export the same qcow2 image (a copy each) over a unix socket, and the same clients drive
 them, alternating: `qemu-img bench` over NBD for 4 KiB reads and writes at queue depth 16 (offsets spread
-by a 1 MiB + 4 KiB step over the disk), and `nbdcopy` for 1 MiB sequential reads.  It prints the medians,
+by a 1 MiB + 4 KiB step over the disk), `nbdcopy` for 1 MiB sequential reads, and `parablock stress` as
+a client for truly random 4 KiB reads and writes (16 clients over 4 connections, verified).  It prints the medians,
 the ratio parablock/qsd and the peak PSS of each server's process tree.  Results also go to
 bench/results/nbd.json.
 
@@ -126,7 +127,8 @@ def main() -> None:
                                          text=True, check=True).stdout)["virtual-size"])
     step = str(MiB + 4096)
     tools = {"parablock": [sys.executable, "-m", "engine", "daemon", "--workers", str(args.workers)], "qsd": [qsd]}
-    results: dict[str, dict[str, list[float]]] = {t: {"read4k": [], "write4k": [], "seq1m": []} for t in tools}
+    results: dict[str, dict[str, list[float]]] = {t: {"read4k": [], "write4k": [], "seq1m": [], "rand4k": []}
+                                                  for t in tools}
     peaks = {t: 0 for t in tools}
     for _ in range(args.rounds):
         for name, prog in tools.items():
@@ -140,11 +142,20 @@ def main() -> None:
                 results[name]["write4k"].append(args.count / timed([*bench[:2], "-w", *bench[2:]]))
                 results[name]["seq1m"].append(size / MiB / timed(["nbdcopy", "--request-size=1048576", srv.uri,
                                                                    "null:"]))
+                # truly random 4 KiB reads and writes, 16 clients (parablock stress as the client)
+                st = subprocess.run([sys.executable, "-m", "engine", "stress", "--nbd", srv.uri, "-c",
+                                     str(args.count), "-j", "16", "--connections", "4", "--size-min", "4096",
+                                     "--size-max", "4096", "--align", "4096", "--mix", "read=50,write=50",
+                                     "--output", "json"], capture_output=True, text=True,
+                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
+                if st.returncode != 0:
+                    raise SystemExit(f"stress against {name} failed: {st.stderr}")
+                results[name]["rand4k"].append(json.loads(st.stdout)["total"]["iops"])
             finally:
                 srv.stop()
                 peaks[name] = max(peaks[name], srv.peak)
     out = []
-    for metric, unit in (("read4k", "IOPS"), ("write4k", "IOPS"), ("seq1m", "MiB/s")):
+    for metric, unit in (("read4k", "IOPS"), ("write4k", "IOPS"), ("seq1m", "MiB/s"), ("rand4k", "IOPS")):
         a = statistics.median(results["parablock"][metric])
         b = statistics.median(results["qsd"][metric])
         out.append({"metric": metric, "unit": unit, "parablock": a, "qsd": b, "ratio": a / b})
