@@ -4,3 +4,4 @@ from engine.formats import raw as _raw  # noqa: F401
 from engine.formats import qcow2 as _qcow2  # noqa: F401
 from engine.formats import null as _null  # noqa: F401
 from engine.formats import filters as _filters  # noqa: F401
+from engine.formats import vdi as _vdi  # noqa: F401
