@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ipc.executor import Executor
 
 NODE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")
-FORMATS = ("raw", "qcow2", "vdi")
+FORMATS = ("raw", "qcow2", "vdi", "vpc")
 #: options QEMU's null driver counts as "strong" (they force a json: pseudo-filename); latency-ns is not
 NULL_STRONG_OPTS = ("size", "read-zeroes")
 DEFAULT_CACHE = {"no-flush": False, "direct": False, "writeback": True}

@@ -5,3 +5,4 @@ from engine.formats import qcow2 as _qcow2  # noqa: F401
 from engine.formats import null as _null  # noqa: F401
 from engine.formats import filters as _filters  # noqa: F401
 from engine.formats import vdi as _vdi  # noqa: F401
+from engine.formats import vpc as _vpc  # noqa: F401

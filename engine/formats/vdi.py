@@ -5,7 +5,8 @@ then the v1.1 header (image type, block map offset, data offset, sector size, di
 The block map holds one u32 per block: the block's index in the data area (data at
 ``offset_data + index * block_size``), 0xFFFFFFFF for unallocated, 0xFFFFFFFE for discarded (zero).
 Unallocated and discarded blocks read as zeros and report ZERO in block status, as QEMU's vdi driver
-does; allocated blocks report DATA with their host offset and let the file say where it has holes.
+does; allocated blocks report DATA with their host offset (static images let the file say where it
+has holes, as QEMU's driver does).
 Writing VDI (convert -O vdi) is not supported yet.
 """
 from __future__ import annotations
@@ -108,4 +109,5 @@ class VdiDriver(BlockDriver):
         n = min(left, length)
         if host is None:
             return Extent(Status.ZERO, n, 0, self.file)
-        return Extent(Status.DATA | Status.OFFSET_VALID | Status.RECURSE, n, host, self.file)
+        recurse = Status.RECURSE if self.image_type == 2 else Status(0)  # static images: ask the file
+        return Extent(Status.DATA | Status.OFFSET_VALID | recurse, n, host, self.file)
