@@ -139,6 +139,20 @@ class BlockDriver:
         return False
 
 
+def read_mapped(file: BlockDriver, host_of: Any, offset: int, length: int) -> bytes:
+    """Read [offset, offset+length) of a format whose blocks map to host offsets: ``host_of(pos)`` gives
+    (host offset, or None for a block that reads as zeros, and the bytes left in that block)."""
+    out = bytearray(length)
+    pos = 0
+    while pos < length:
+        host, left = host_of(offset + pos)
+        n = min(left, length - pos)
+        if host is not None:
+            out[pos:pos + n] = file.read(host, n)
+        pos += n
+    return bytes(out)
+
+
 _REGISTRY: dict[str, type[BlockDriver]] = {}
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from engine.driver import BlockDriver, Extent, Status, register
+from engine.driver import BlockDriver, Extent, Status, read_mapped, register
 from engine.errors import ImageOpenError
 
 SIGNATURE = 0xBEDA107F
@@ -94,15 +94,7 @@ class VdiDriver(BlockDriver):
 
     def read(self, offset: int, length: int) -> bytes:
         assert self.file is not None
-        out = bytearray(length)
-        pos = 0
-        while pos < length:
-            host, left = self._host(offset + pos)
-            n = min(left, length - pos)
-            if host is not None:
-                out[pos:pos + n] = self.file.read(host, n)
-            pos += n
-        return bytes(out)
+        return read_mapped(self.file, self._host, offset, length)
 
     def block_status(self, offset: int, length: int) -> Extent:
         host, left = self._host(offset)

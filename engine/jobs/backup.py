@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from engine.bitmap import DirtyBitmap
 from engine.block import block_status_above, is_allocated_above
 from engine.driver import Status
-from engine.jobs.job import Job
+from engine.jobs.job import Job, read_source, run_locked
 
 if TYPE_CHECKING:
     from engine.daemon.graph import DaemonGraph
@@ -124,29 +124,22 @@ class BackupJob(Job):
 
     # ------------------------------------------------------------------ copying
     async def _locked(self, fn: Any, *args: Any) -> Any:
-        async with self.graph.driver_lock:
-            return await asyncio.to_thread(fn, *args)
+        return await run_locked(self.graph, fn, *args)
 
     async def _copy(self, off: int, n: int) -> None:
         """Copy [off, off+n) (cluster aligned, all in ``todo``) from source to target; caller holds lock."""
+        data = await read_source(self.graph, self.source, off, n)
         try:
-            st, zn = await self._locked(block_status_above, self.source.driver, off, n)
-            zero = bool(st & Status.ZERO) and zn >= n
-            data = None if zero else await self.source.read(off, n)
-        except Exception as exc:
-            exc.job_stage = "read"  # type: ignore[attr-defined]
-            raise
-        try:
-            if zero:
+            if data is None:
                 tst, tn = await self._locked(block_status_above, self.target.driver, off, n)
                 if not (tst & Status.ZERO and tn >= n):
                     await self.target.write_zeroes(off, n)
             elif self.compress:
                 for c in range(off, off + n, self.cs):
-                    chunk = data[c - off:c - off + self.cs]  # type: ignore[index]
+                    chunk = data[c - off:c - off + self.cs]
                     await self._locked(self.target.driver.write_compressed, c, chunk)
             else:
-                await self.target.write(off, data)  # type: ignore[arg-type]
+                await self.target.write(off, data)
         except Exception as exc:
             exc.job_stage = "write"  # type: ignore[attr-defined]
             raise

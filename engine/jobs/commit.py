@@ -14,12 +14,11 @@ Intermediate nodes leave the chain; implicit ones (opened from headers) are clos
 """
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 from engine.block import block_status, is_allocated_above
 from engine.driver import Status
-from engine.jobs.job import Job
+from engine.jobs.job import Job, run_locked
 
 if TYPE_CHECKING:
     from engine.daemon.graph import DaemonGraph
@@ -51,8 +50,7 @@ class ChainJob(Job):
                 self.reopened.append(node)
 
     async def locked(self, fn: Any, *args: Any) -> Any:
-        async with self.graph.driver_lock:
-            return await asyncio.to_thread(fn, *args)
+        return await run_locked(self.graph, fn, *args)
 
     async def copy_loop(self, size: int, want: Any, copy: Any) -> None:
         """For each chunk: ``want(off, n) -> (copy?, n)`` then ``copy(off, n)``; errors go through the

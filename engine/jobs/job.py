@@ -53,6 +53,30 @@ def exc_errno(exc: BaseException) -> int:
     return getattr(exc, "errno", None) or _errno.EIO
 
 
+async def run_locked(graph: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """A synchronous driver call in a helper thread, holding the graph's driver lock (format metadata
+    has one owner at a time)."""
+    async with graph.driver_lock:
+        return await asyncio.to_thread(fn, *args)
+
+
+async def read_source(graph: Any, node: Any, off: int, n: int) -> bytes | None:
+    """[off, off+n) of ``node`` through its request pipeline, or None when block status says all of it
+    reads as zeros (the caller writes zeros instead).  Errors are tagged ``job_stage = "read"`` for
+    BLOCK_JOB_ERROR's ``operation``."""
+    from engine.block import block_status_above
+    from engine.driver import Status
+
+    try:
+        st, zn = await run_locked(graph, block_status_above, node.driver, off, n)
+        if st & Status.ZERO and zn >= n:
+            return None
+        return await node.read(off, n)
+    except Exception as exc:
+        exc.job_stage = "read"  # type: ignore[attr-defined]
+        raise
+
+
 class JobTxn:
     """Jobs that complete together (QMP ``transaction`` with completion-mode grouped)."""
 

@@ -11,14 +11,12 @@ READY ends the job without the switch (COMPLETED), a forced one cancels it (CANC
 """
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 from engine.bitmap import DirtyBitmap
-from engine.block import block_status_above, is_allocated_above
-from engine.driver import Status
+from engine.block import is_allocated_above
 from engine.errors import BlockError
-from engine.jobs.job import Job
+from engine.jobs.job import Job, read_source, run_locked
 
 if TYPE_CHECKING:
     from engine.daemon.graph import DaemonGraph
@@ -131,8 +129,7 @@ class MirrorJob(Job):
 
     # ------------------------------------------------------------------ the copy loop
     async def _locked(self, fn: Any, *args: Any) -> Any:
-        async with self.graph.driver_lock:
-            return await asyncio.to_thread(fn, *args)
+        return await run_locked(self.graph, fn, *args)
 
     async def _seed(self) -> None:
         """mirror_dirty_init: mark what the sync mode says must be copied.  With ``zero_target`` (sync
@@ -167,18 +164,12 @@ class MirrorJob(Job):
         assert bm is not None
         bm.reset(off, n)
         try:
+            data = await read_source(self.graph, self.source, off, n)
             try:
-                st, zn = await self._locked(block_status_above, self.source.driver, off, n)
-                zero = bool(st & Status.ZERO) and zn >= n
-                data = None if zero else await self.source.read(off, n)
-            except Exception as exc:
-                exc.job_stage = "read"  # type: ignore[attr-defined]
-                raise
-            try:
-                if zero:
+                if data is None:
                     await self.target.write_zeroes(off, n)
                 else:
-                    await self.target.write(off, data)  # type: ignore[arg-type]
+                    await self.target.write(off, data)
             except Exception as exc:
                 exc.job_stage = "write"  # type: ignore[attr-defined]
                 raise

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ipc import nbd as P
 from tests.daemon.conftest import MiB, make_chain
+from tests.fuzz.daemon_util import RawClient
 from tests.util import qemu_img, qemu_io, run
 
 NBDINFO = shutil.which("nbdinfo")
@@ -58,70 +59,6 @@ def img_map(*args: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------
 # a minimal raw client
 # ---------------------------------------------------------------------------------------------------
-class RawClient:
-    def __init__(self, sock: Path) -> None:
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.settimeout(10)
-        self.s.connect(str(sock))
-
-    def recv(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            part = self.s.recv(n - len(buf))
-            if not part:
-                raise EOFError(f"closed after {len(buf)} of {n} bytes")
-            buf += part
-        return buf
-
-    def closed_by_server(self) -> bool:
-        try:
-            while True:
-                if not self.s.recv(65536):
-                    return True
-        except (ConnectionError, OSError):
-            return True
-
-    def opt(self, code: int, data: bytes = b"") -> list[tuple[int, bytes]]:
-        self.s.sendall(struct.pack(">QII", P.IHAVEOPT, code, len(data)) + data)
-        out = []
-        while True:
-            magic, o, rep, n = struct.unpack(">QIII", self.recv(20))
-            assert magic == P.OPTION_REPLY_MAGIC and o == code
-            out.append((rep, self.recv(n)))
-            if rep == P.Rep.ACK or rep & (1 << 31):
-                return out
-
-    def handshake(self, name: str, structured: bool = True) -> int:
-        assert self.recv(18) == b"NBDMAGICIHAVEOPT\x00\x03"
-        self.s.sendall(struct.pack(">I", 3))
-        if structured:
-            assert self.opt(P.Opt.STRUCTURED_REPLY)[-1][0] == P.Rep.ACK
-        raw = name.encode()
-        replies = self.opt(P.Opt.GO, struct.pack(">I", len(raw)) + raw + struct.pack(">H", 0))
-        assert replies[-1][0] == P.Rep.ACK, replies
-        info = next(d for r, d in replies if r == P.Rep.INFO and d[:2] == b"\x00\x00")
-        _, size, flags = struct.unpack(">HQH", info)
-        self.flags = flags
-        return size
-
-    def request(self, typ: int, offset: int = 0, length: int = 0, data: bytes = b"", handle: int = 1,
-                flags: int = 0) -> None:
-        self.s.sendall(struct.pack(">IHHQQI", P.REQUEST_MAGIC, flags, typ, handle, offset, length) + data)
-
-    def reply_chunks(self) -> list[tuple[int, int, bytes]]:
-        """(flags, type, payload) chunks of one structured reply."""
-        out = []
-        while True:
-            magic, flags, typ, _handle, n = struct.unpack(">IHHQI", self.recv(20))
-            assert magic == P.STRUCTURED_REPLY_MAGIC
-            out.append((flags, typ, self.recv(n)))
-            if flags & P.ReplyFlags.DONE:
-                return out
-
-    def close(self) -> None:
-        self.s.close()
-
-
 # ---------------------------------------------------------------------------------------------------
 # tests
 # ---------------------------------------------------------------------------------------------------

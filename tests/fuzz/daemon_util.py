@@ -19,8 +19,8 @@ def wait_path(p: Path, timeout: float = 20.0) -> None:
 
 
 class RawClient:
-    """A minimal NBD client over a unix socket (a copy of tests/daemon/test_nbd.py's, kept here so the
-    fuzz does not depend on another test module)."""
+    """A minimal NBD client over a unix socket, for what real clients never send (tests/daemon/test_nbd.py
+    uses it too)."""
 
     def __init__(self, sock: Path) -> None:
         self.s = socket.socket(socket.AF_UNIX)
