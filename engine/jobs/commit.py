@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.block import block_status, is_allocated_above
 from engine.driver import Status
-from engine.jobs.job import Job, run_locked
+from engine.jobs.job import Job, JobCancelled, run_locked
 
 if TYPE_CHECKING:
     from engine.daemon.graph import DaemonGraph
@@ -60,19 +60,14 @@ class ChainJob(Job):
         while off < size:
             await self.yield_now()
             n = min(CHUNK, size - off)
-            stage_read = True
             try:
                 do_copy, n = await want(off, n)
                 if do_copy:
                     await copy(off, n)
-            except (OSError, Exception) as exc:  # an I/O error: the policy decides
-                from engine.jobs.job import JobCancelled
-
-                if isinstance(exc, JobCancelled):
-                    raise
-                stage_read = getattr(exc, "job_stage", "read") == "read"
-                if self.handle_error(exc, stage_read, self.on_error) == "report":
-                    raise
+            except JobCancelled:
+                raise
+            except Exception as exc:  # an I/O error: the policy decides
+                self.chunk_failed(exc, self.on_error, self.on_error)
                 continue
             off += n
             self.current = off

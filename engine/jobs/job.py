@@ -227,6 +227,14 @@ class Job:
             self.io_status = "nospace" if err == _errno.ENOSPC else "failed"
         return action
 
+    def chunk_failed(self, exc: BaseException, on_source: str, on_target: str) -> None:
+        """A chunk copy failed: apply the policy of the side it failed on (``exc.job_stage``, read by
+        default).  Re-raises for 'report' (the job fails); returns for ignore/stop, and the caller retries
+        the chunk after its next pause point."""
+        is_read = getattr(exc, "job_stage", "read") == "read"
+        if self.handle_error(exc, is_read, on_source if is_read else on_target) == "report":
+            raise exc
+
     # ------------------------------------------------------------------ the lifecycle
     async def _main(self) -> None:
         try:

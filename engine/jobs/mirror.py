@@ -220,10 +220,7 @@ class MirrorJob(Job):
             try:
                 await self._copy_chunk(off, n)
             except Exception as exc:
-                is_read = getattr(exc, "job_stage", "read") == "read"
-                policy = self.on_source_error if is_read else self.on_target_error
-                if self.handle_error(exc, is_read, policy) == "report":
-                    raise
+                self.chunk_failed(exc, self.on_source_error, self.on_target_error)
                 continue
             pos = off + n if off + n < size else 0
             await self.ratelimit(n)
