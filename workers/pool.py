@@ -75,6 +75,7 @@ class _Worker:
     alive: bool = True
     ready: bool = False  # handshake done: the reader thread owns its pipe and requests may go to it
     reaped: bool = False
+    broken: bool = False  # a send to it failed: no new requests go to it until the reader replaces it
 
 
 class WorkerPool:
@@ -269,7 +270,11 @@ class WorkerPool:
             for w in live:
                 waitables[w.conn] = ("conn", w)
                 waitables[w.proc.sentinel] = ("dead", w)
-            for obj in wait(list(waitables), timeout=0.2):
+            try:
+                ready = wait(list(waitables), timeout=0.2)
+            except (OSError, ValueError, TypeError):  # a pipe closed under us at shutdown: look again
+                continue
+            for obj in ready:
                 kind, who = waitables[obj]
                 if who is None:  # a worker became ready, or we are closing: recompute what to watch
                     try:
@@ -283,7 +288,7 @@ class WorkerPool:
                 if kind == "conn":
                     try:
                         frame = w.conn.recv_bytes()
-                    except (EOFError, OSError):
+                    except (EOFError, OSError, ValueError, TypeError):  # dead, or reaped by close()
                         self._worker_died(w)
                         continue
                     rid, ok, payload = wire.decode(frame)
@@ -348,17 +353,35 @@ class WorkerPool:
                 starting = not any(w.ready for w in self.workers) and any(w.alive for w in self.workers)
             if starting:
                 return self._run_inline(op, args)
+        while True:
+            w, rid = self._pick_worker(op, fut, deadline)
+            try:
+                with w.send_lock:
+                    w.conn.send_bytes(wire.encode([rid, op, args]))
+                return fut
+            except (OSError, ValueError):
+                # The worker died and the reader has not noticed yet.  The request never left, so it
+                # is safe to send it to another worker; the reader replaces this one.
+                with self._cond:
+                    w.inflight.pop(rid, None)
+                    w.sent_ns.pop(rid, None)
+                    w.broken = True
+                self._wake_reader()
+
+    def _pick_worker(self, op: str, fut: Future, deadline: float | None) -> tuple[_Worker, int]:
+        """Reserve a request id on the least-busy usable worker (waiting while all are busy)."""
         with self._cond:
             while True:
                 if self._closing:
                     raise IpcError("worker pool is shut down")
-                live = [w for w in self.workers if w.alive and w.ready]
+                live = [w for w in self.workers if w.alive and w.ready and not w.broken]
                 if live:
                     w = min(live, key=lambda x: len(x.inflight))
                     if len(w.inflight) < self.max_inflight:
                         break
-                elif not any(x.alive for x in self.workers):
-                    raise self._start_error or IpcError("no live worker")
+                elif not any(x.alive and not x.broken for x in self.workers):
+                    if not any(x.alive for x in self.workers):
+                        raise self._start_error or IpcError("no live worker")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise IpcError("no worker became available in time (all busy or dead)")
@@ -368,14 +391,7 @@ class WorkerPool:
             w.inflight[rid] = (fut, op)
             if self.record_latency:
                 w.sent_ns[rid] = time.monotonic_ns()
-        try:
-            with w.send_lock:
-                w.conn.send_bytes(wire.encode([rid, op, args]))
-        except (OSError, ValueError):
-            with self._cond:
-                if w.inflight.pop(rid, None) is not None:
-                    fut.set_exception(WorkerDied(f"worker {w.index} (pid {w.pid}) is gone; '{op}' not sent"))
-        return fut
+            return w, rid
 
     def _inline_worker(self):
         if self._inline is None:
