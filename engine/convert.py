@@ -91,14 +91,24 @@ class Converter:
         self.total = sum(s.size() for s in sources)
         self.stats = ConvertStats(total=self.total)
         self.qcow2 = target.format_name == "qcow2"
-        self.tcs = (target.cluster_size() or 65536) if self.qcow2 else 512
+        # any other format but raw (vmdk, vdi, vpc, vhdx, qed) allocates in its own write path: data goes
+        # to it whole target blocks at a time, in guest order, through the coordinator
+        self.generic = target.format_name not in ("raw", "qcow2")
+        if self.qcow2:
+            self.tcs = target.cluster_size() or 65536
+        elif self.generic:
+            self.tcs = max(512, min(target.cluster_size() or 65536, 16 * MiB))
+        else:
+            self.tcs = 512
         if opts.compress and not self.qcow2:
             raise InvalidArgument("Compression not supported for this file format")
         tfile = target.file
         if not isinstance(tfile, FileDriver):
             raise InvalidArgument("convert target must sit on a file")
         self.thandle = tfile.handle
-        self.align = self.tcs if self.qcow2 else max(4096, opts.sparse or 4096)
+        self.align = self.tcs if (self.qcow2 or self.generic) else max(4096, opts.sparse or 4096)
+        if self.generic:
+            opts.out_of_order = False  # streamOptimized vmdk appends grains: keep guest order
         chunk = opts.chunk
         if opts.compress:
             chunk = max(self.tcs, min(chunk, mover.slot_size // 2) // self.tcs * self.tcs)
@@ -258,7 +268,8 @@ class Converter:
         """The one-trip plan for a window, when the target can be planned before the data is seen: a
         zero-initialised raw target, or fresh (unallocated) clusters of a zero-initialised qcow2 target.
         Returns (worker write plan, allocations to link) or None."""
-        if self.opts.compress or not self.opts.target_zero_init or any(p.kind == "skip" for p in win.pieces):
+        if self.opts.compress or not self.opts.target_zero_init or any(p.kind == "skip" for p in win.pieces) \
+                or self.generic:
             return None
         if not self.qcow2:
             if self.opts.sparse:
@@ -414,6 +425,8 @@ class Converter:
         if skip:
             runs = _subtract(runs, skip)
             self.stats.skipped_bytes += sum(n for _, n in skip)
+        if self.generic:
+            return self._write_generic(win, slot, runs, skip), []
         if not self.qcow2:
             writes = [[self.thandle, win.start + r, r, n] for r, n in runs]
             self.stats.data_bytes += sum(n for _, n in runs)
@@ -468,6 +481,31 @@ class Converter:
                 self.stats.fallback_bytes += nbytes
             i = j + 1
         return writes, links
+
+    def _write_generic(self, win: _Window, slot: int, runs: list, skip: list) -> list:
+        """A format that allocates in its own write path: every target block the data runs touch is
+        written whole (the slot holds zeros between runs), the others are left to zero-init or zeroed."""
+        cs = self.tcs
+        view = self.mover.slots.slot(slot)
+        data_clusters = sorted({c for r, n in runs for c in range(r // cs, (r + n - 1) // cs + 1)})
+        skip_clusters = {c for r, n in skip for c in range(r // cs, (r + n - 1) // cs + 1)
+                         if r <= c * cs and (c + 1) * cs <= r + n}
+        nclusters = -(-win.length // cs)
+        for c in range(nclusters):
+            if c not in data_clusters and c not in skip_clusters:
+                self._zero_target(win.start + c * cs, min(cs, win.length - c * cs))
+        i = 0
+        while i < len(data_clusters):
+            j = i
+            while j + 1 < len(data_clusters) and data_clusters[j + 1] == data_clusters[j] + 1:
+                j += 1
+            lo = data_clusters[i] * cs
+            hi = min((data_clusters[j] + 1) * cs, win.length)
+            self.target.write(win.start + lo, bytes(view[lo:hi]))
+            self.stats.fallback_bytes += hi - lo
+            self.stats.data_bytes += hi - lo
+            i = j + 1
+        return []
 
     def _subcluster_bitmaps(self, runs: list, c0: int, count: int) -> list[int] | None:
         """With an extended-L2 target and no backing file, as qemu-img: only the subclusters that the

@@ -107,7 +107,7 @@ _BOOL_TRUE = {"on", "yes", "true", "1"}
 _BOOL_FALSE = {"off", "no", "false", "0"}
 _BOOL_OPTS = {"lazy_refcounts", "extended_l2", "data_file_raw", "force_size", "static", "compat6",
               "zeroed_grain", "block_state_zero"}
-_SIZE_OPTS = {"cluster_size", "size"}
+_SIZE_OPTS = {"cluster_size", "size", "block_size", "log_size"}
 
 
 def parse_o(opts: tuple[str, ...] | list[str]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import random
 import re
 from typing import TYPE_CHECKING, Any
 
-from engine.driver import BlockDriver, driver_class
+from engine.driver import BlockDriver, driver_class, format_names
 from engine.errors import BlockError, DeviceNotFound, ImageOpenError, InvalidArgument
 from engine.formats.file import FileDriver, perms_for
 from engine.formats.filters import FilterDriver
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from ipc.executor import Executor
 
 NODE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")
-FORMATS = ("raw", "qcow2", "vdi", "vpc")
 #: options QEMU's null driver counts as "strong" (they force a json: pseudo-filename); latency-ns is not
 NULL_STRONG_OPTS = ("size", "read-zeroes")
 DEFAULT_CACHE = {"no-flush": False, "direct": False, "writeback": True}
@@ -177,7 +176,7 @@ class DaemonGraph(Graph):
                            read_zeroes=bool(opts.get("read-zeroes", False)),
                            latency_ns=opts.get("latency-ns", 0), name=drv)
             strong = {k: opts[k] for k in NULL_STRONG_OPTS if k in opts}
-        elif drv in FORMATS:
+        elif drv in format_names():
             child = self._ref(opts["file"], opts, created)
             d = driver_class(drv)(child.driver.filename, ex, ro)
             d.file = child.driver

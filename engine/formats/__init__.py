@@ -1,8 +1,7 @@
-"""Image formats and protocol drivers.  Importing this package registers every driver."""
-from engine.formats import file as _file  # noqa: F401
-from engine.formats import raw as _raw  # noqa: F401
-from engine.formats import qcow2 as _qcow2  # noqa: F401
-from engine.formats import null as _null  # noqa: F401
-from engine.formats import filters as _filters  # noqa: F401
-from engine.formats import vdi as _vdi  # noqa: F401
-from engine.formats import vpc as _vpc  # noqa: F401
+"""Image formats and protocol drivers.  Importing this package registers every driver: each module
+of the package registers its classes with ``engine.driver.register`` when imported."""
+import importlib as _importlib
+import pkgutil as _pkgutil
+
+for _mod in sorted(m.name for m in _pkgutil.iter_modules(__path__)):
+    _importlib.import_module(f"{__name__}.{_mod}")
