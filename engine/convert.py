@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol
 
 from engine.block import block_status, chain, chain_block_status, is_allocated_above
 from engine.driver import BlockDriver, Status
-from engine.errors import BlockError, InvalidArgument
+from engine.errors import InvalidArgument
 from engine.formats.file import FileDriver
 from ipc.ranges import coalesce_writes, subtract_sorted, touched_units
 
@@ -47,6 +47,9 @@ class ConvertOptions:
     out_of_order: bool = False  # -W
     rate: int = 0  # -r: bytes per second of data copied (0 = unlimited), QEMU's slice-based rate limit
     chunk: int = 4 * MiB
+    #: incremental backup: copy only these sorted (offset, length) ranges of the sources (the dirty
+    #: clusters of a bitmap); the rest is left to the target's backing file
+    only: list[tuple[int, int]] | None = None
 
 
 @dataclass
@@ -61,7 +64,7 @@ class ConvertStats:
 
 @dataclass
 class _Piece:
-    kind: str  # data | zero | comp | skip
+    kind: str  # data | zero | comp | read (the coordinator reads it through the driver) | skip
     offset: int  # target guest offset
     length: int
     handle: int = 0
@@ -77,7 +80,104 @@ class _Window:
 
     @property
     def has_data(self) -> bool:
-        return any(p.kind in ("data", "comp") for p in self.pieces)
+        return any(p.kind in ("data", "comp", "read") for p in self.pieces)
+
+
+class SourcePlanner:
+    """What the sources hold for a range of the concatenated sources, as pieces a worker can gather: file
+    extents it reads itself, compressed clusters it decompresses, zeros and (with a base or
+    ``top_only``) skips."""
+
+    def __init__(self, sources: list[BlockDriver], base: BlockDriver | None = None,
+                 top_only: bool = False) -> None:
+        self.sources = sources
+        self.base = base
+        self.top_only = top_only
+
+    def pieces(self, start: int, length: int, full: bool = False) -> list[_Piece]:
+        """Pieces of range [start, start+length); ``full`` reads through the whole chain even with
+        ``top_only`` or a base."""
+        out: list[_Piece] = []
+        base = 0
+        for src in self.sources:
+            size = src.size()
+            lo, hi = max(start, base), min(start + length, base + size)
+            pos = lo
+            while pos < hi:
+                off = pos - base
+                n = hi - pos
+                if self.base is not None and not full:
+                    allocated, m = is_allocated_above(src, self.base, off, n)
+                    if not allocated:
+                        out.append(_Piece("skip", pos, m))
+                        pos += m
+                        continue
+                    n = m
+                if self.top_only and not full:
+                    ext = block_status(src, off, n)
+                    depth = 0
+                    if not ext.status & (Status.ZERO | Status.DATA):
+                        out.append(_Piece("skip", pos, ext.length))
+                        pos += ext.length
+                        continue
+                else:
+                    ext, depth = chain_block_status(src, off, n)
+                n = ext.length
+                st = ext.status
+                if st & Status.ZERO and not (st & Status.DATA and not st & Status.ZERO):
+                    out.append(_Piece("zero", pos, n))
+                elif st & Status.OFFSET_VALID and isinstance(ext.node, FileDriver):
+                    out.append(_Piece("data", pos, n, ext.node.handle, ext.offset))
+                elif st & Status.DATA:
+                    out.extend(self._compressed_pieces(chain(src)[depth], pos, off, n))
+                else:
+                    out.append(_Piece("zero", pos, n))
+                pos += n
+            base += size
+        return out
+
+    def _compressed_pieces(self, layer: BlockDriver, pos: int, off: int, n: int) -> list[_Piece]:
+        getter = getattr(layer, "compressed_source", None)
+        if getter is None:
+            # data only the format driver can produce (e.g. streamOptimized vmdk grains): the
+            # coordinator reads it into the slot before the worker gathers the rest
+            return [_Piece("read", pos, n, comp=(layer, off))]
+        out = []
+        cs = layer.cluster_size() or 65536
+        end = off + n
+        while off < end:
+            m = min(cs - off % cs, end - off)
+            handle, coff, clen, codec, ccs = getter(off)
+            out.append(_Piece("comp", pos, m, handle, coff, (clen, codec, ccs, off % cs)))
+            off += m
+            pos += m
+        return out
+
+
+def fill_read_pieces(pieces: list[_Piece], start: int, view: memoryview) -> None:
+    """Put the data of the ``read`` pieces (read through their format driver) into a window's slot."""
+    for p in pieces:
+        if p.kind == "read":
+            layer, off = p.comp  # type: ignore[misc]
+            rel = p.offset - start
+            view[rel:rel + p.length] = layer.read(off, p.length)
+
+
+def wire_pieces(pieces: list[_Piece], start: int) -> list[list]:
+    """Pieces as the workers' ``gather`` takes them, relative to a window starting at ``start``."""
+    out = []
+    for p in pieces:
+        rel = p.offset - start
+        if p.kind == "data":
+            out.append(["data", p.handle, p.host, p.length, rel])
+        elif p.kind == "comp":
+            clen, codec, ccs, skip = p.comp  # type: ignore[misc]
+            out.append(["comp", p.handle, p.host, p.length, rel, clen, codec, ccs, skip])
+        elif p.kind == "read":
+            out.append(["keep", 0, 0, p.length, rel])
+        else:
+            out.append(["zero", 0, 0, p.length, rel])
+    return out
 
 
 class Converter:
@@ -90,6 +190,7 @@ class Converter:
         self.progress = progress
         self.total = sum(s.size() for s in sources)
         self.stats = ConvertStats(total=self.total)
+        self.planner = SourcePlanner(sources, opts.base, opts.target_has_backing)
         self.qcow2 = target.format_name == "qcow2"
         # any other format but raw (vmdk, vdi, vpc, vhdx, qed) allocates in its own write path: data goes
         # to it whole target blocks at a time, in guest order, through the coordinator
@@ -123,46 +224,7 @@ class Converter:
 
     # --- source side --------------------------------------------------------------------------------
     def _source_pieces(self, start: int, length: int, full: bool = False) -> list[_Piece]:
-        """What the sources hold for target range [start, start+length), as pieces; ``full`` reads through
-        the whole chain even with -B or a commit base."""
-        out: list[_Piece] = []
-        base = 0
-        for src in self.sources:
-            size = src.size()
-            lo, hi = max(start, base), min(start + length, base + size)
-            pos = lo
-            while pos < hi:
-                off = pos - base
-                n = hi - pos
-                if self.opts.base is not None and not full:
-                    allocated, m = is_allocated_above(src, self.opts.base, off, n)
-                    if not allocated:
-                        out.append(_Piece("skip", pos, m))
-                        pos += m
-                        continue
-                    n = m
-                if self.opts.target_has_backing and not full:
-                    ext = block_status(src, off, n)
-                    depth = 0
-                    if not ext.status & (Status.ZERO | Status.DATA):
-                        out.append(_Piece("skip", pos, ext.length))
-                        pos += ext.length
-                        continue
-                else:
-                    ext, depth = chain_block_status(src, off, n)
-                n = ext.length
-                st = ext.status
-                if st & Status.ZERO and not (st & Status.DATA and not st & Status.ZERO):
-                    out.append(_Piece("zero", pos, n))
-                elif st & Status.OFFSET_VALID and isinstance(ext.node, FileDriver):
-                    out.append(_Piece("data", pos, n, ext.node.handle, ext.offset))
-                elif st & Status.DATA:
-                    out.extend(self._compressed_pieces(chain(src)[depth], pos, off, n))
-                else:
-                    out.append(_Piece("zero", pos, n))
-                pos += n
-            base += size
-        return out
+        return self.planner.pieces(start, length, full)
 
     def _resolve_partial_skips(self, start: int, pieces: list[_Piece]) -> list[_Piece]:
         """With -B, a target cluster that gets data must also get the backing's bytes for the rest of it:
@@ -188,27 +250,15 @@ class Converter:
                 pos += n
         return out
 
-    def _compressed_pieces(self, layer: BlockDriver, pos: int, off: int, n: int) -> list[_Piece]:
-        getter = getattr(layer, "compressed_source", None)
-        if getter is None:
-            raise BlockError(f"cannot locate the data of '{layer.filename}' at offset {off}")
-        out = []
-        cs = layer.cluster_size() or 65536
-        end = off + n
-        while off < end:
-            m = min(cs - off % cs, end - off)
-            handle, coff, clen, codec, ccs = getter(off)
-            out.append(_Piece("comp", pos, m, handle, coff, (clen, codec, ccs, off % cs)))
-            off += m
-            pos += m
-        return out
-
     def _windows(self):
         pos = 0
         while pos < self.total:
             n = min(self.chunk, self.total - pos)
             pieces = self._source_pieces(pos, n)
-            if (self.opts.target_has_backing or self.opts.base is not None) and self.qcow2:
+            if self.opts.only is not None:
+                pieces = _restrict(pieces, self.opts.only)
+            if (self.opts.target_has_backing or self.opts.base is not None
+                    or self.opts.only is not None) and self.qcow2:
                 pieces = self._resolve_partial_skips(pos, pieces)
             yield _Window(pos, n, pieces)
             pos += n
@@ -274,14 +324,14 @@ class Converter:
         if not self.qcow2:
             if self.opts.sparse:
                 plan = [[self.thandle, p.offset, p.offset - win.start, p.length, 0] for p in win.pieces
-                        if p.kind in ("data", "comp")]
+                        if p.kind in ("data", "comp", "read")]
             else:
                 plan = [[self.thandle, win.start, 0, win.length, 0]]
             return plan, []
         tgt = self.target
         cs = self.tcs
         if self.opts.sparse:
-            clusters = sorted({c for p in win.pieces if p.kind in ("data", "comp")
+            clusters = sorted({c for p in win.pieces if p.kind in ("data", "comp", "read")
                                for c in range((p.offset - win.start) // cs,
                                               (p.offset - win.start + p.length - 1) // cs + 1)})
         else:
@@ -331,30 +381,22 @@ class Converter:
 
     def _submit_gather(self, win: _Window):
         slot = self.mover.slots.lease()
-        wire_pieces = []
-        for p in win.pieces:
-            rel = p.offset - win.start
-            if p.kind == "data":
-                wire_pieces.append(["data", p.handle, p.host, p.length, rel])
-            elif p.kind == "comp":
-                clen, codec, ccs, skip = p.comp  # type: ignore[misc]
-                wire_pieces.append(["comp", p.handle, p.host, p.length, rel, clen, codec, ccs, skip])
-            else:
-                wire_pieces.append(["zero", 0, 0, p.length, rel])
+        wire = wire_pieces(win.pieces, win.start)
         compress = None
         gran = self.opts.sparse
         try:
+            fill_read_pieces(win.pieces, win.start, self.mover.slots.slot(slot))
             fast = self._fast_plan(win)
         except BaseException:
             self.mover.slots.release(slot)
             raise
         if fast is not None:
             plan, allocs = fast
-            fut = self.mover.submit("copy", [slot, wire_pieces, win.length, gran, plan])
+            fut = self.mover.submit("copy", [slot, wire, win.length, gran, plan])
             return ("copy", win, slot, fut, allocs)
         if self.opts.compress:
             compress = [self.target.codec, self.tcs, self.mover.slot_size // 2]  # type: ignore[attr-defined]
-        fut = self.mover.submit("gather", [slot, wire_pieces, win.length, gran, compress])
+        fut = self.mover.submit("gather", [slot, wire, win.length, gran, compress])
         return ("gather", win, slot, fut, None)
 
     def _reap(self, inflight: deque, writing: deque) -> None:
@@ -555,6 +597,54 @@ class Converter:
                 links.append(lambda vc=vc, coff=coff, clen=clen: tgt.link_compressed(vc, coff, clen))  # type: ignore[attr-defined]
             self.stats.data_bytes += n
         return writes, links
+
+
+def _restrict(pieces: list[_Piece], ranges: list[tuple[int, int]]) -> list[_Piece]:
+    """The pieces cut to ``ranges`` (sorted, disjoint); what lies outside becomes ``skip``."""
+    out: list[_Piece] = []
+
+    def add(p: _Piece, a: int, b: int, keep: bool) -> None:
+        if b <= a:
+            return
+        if not keep:
+            if out and out[-1].kind == "skip" and out[-1].offset + out[-1].length == a:
+                out[-1].length += b - a
+            else:
+                out.append(_Piece("skip", a, b - a))
+            return
+        delta = a - p.offset
+        if p.kind == "comp":
+            clen, codec, ccs, skip = p.comp  # type: ignore[misc]
+            out.append(_Piece("comp", a, b - a, p.handle, p.host, (clen, codec, ccs, skip + delta)))
+        elif p.kind == "read":
+            layer, off = p.comp  # type: ignore[misc]
+            out.append(_Piece("read", a, b - a, comp=(layer, off + delta)))
+        elif p.kind == "data":
+            out.append(_Piece("data", a, b - a, p.handle, p.host + delta))
+        else:
+            out.append(_Piece(p.kind, a, b - a))
+
+    import bisect
+
+    starts = [r[0] for r in ranges]
+    for p in pieces:
+        pos, end = p.offset, p.offset + p.length
+        i = max(0, bisect.bisect_right(starts, pos) - 1)
+        while pos < end:
+            while i < len(ranges) and ranges[i][0] + ranges[i][1] <= pos:
+                i += 1
+            if i == len(ranges) or ranges[i][0] >= end:
+                add(p, pos, end, False)
+                break
+            lo, hi = ranges[i]
+            hi += lo
+            if lo > pos:
+                add(p, pos, lo, False)
+                pos = lo
+            nxt = min(hi, end)
+            add(p, pos, nxt, p.kind != "skip")
+            pos = nxt
+    return out
 
 
 def _subtract(runs: list, holes: list) -> list[list[int]]:

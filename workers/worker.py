@@ -235,6 +235,12 @@ class Worker:
             return self.gather(*a)
         if op == "copy":
             return self.copy(*a)
+        if op == "gather_digest":  # verify: assemble a window in a slot and hash it here
+            import hashlib
+
+            slot, pieces, length = a
+            self.gather(slot, pieces, length, 0, None)
+            return hashlib.blake2b(self.slots.slot(slot)[:length], digest_size=32).digest()
         if op == "scatter":
             slot, writes = a
             view = self.slots.slot(slot)
@@ -306,6 +312,8 @@ def _gather_piece(w: "Worker", view: memoryview, piece: list) -> None:
     kind, h, off, n, s_off = piece[:5]
     if kind == "zero":
         _zero_fill(view, s_off, n)
+    elif kind == "keep":  # the coordinator filled it in already
+        pass
     elif kind == "data":
         w.read_into(h, off, view[s_off:s_off + n])
     elif kind == "comp":
