@@ -72,7 +72,7 @@ def remote_item(item: dict[str, Any], prior: dict[str, Any] | None, workers: int
 
 
 def run_dask(manifest: Manifest, scheduler: str, *, workers: int | None = None, verify: bool = False,
-             state_file: str | None = None, progress: bool = False, timeout: float = 30) -> dict[str, Any]:
+             state_file: str | None = None, progress: bool = False, timeout: float = 10) -> dict[str, Any]:
     try:
         from distributed import Client, Queue, as_completed
     except ImportError:
