@@ -21,7 +21,7 @@ from typing import Any
 
 from engine.batch.manifest import Manifest
 from engine.batch.progress import BatchProgress
-from engine.batch.runner import load_state, report, save_state, state_path
+from engine.batch.runner import dependency_failure, load_state, report, save_state, state_path
 from engine.errors import InvalidArgument
 
 
@@ -97,18 +97,27 @@ def run_dask(manifest: Manifest, scheduler: str, *, workers: int | None = None, 
         workers_by_addr = client.scheduler_info()["workers"]
         for info in workers_by_addr.values():
             known.setdefault(info.get("host"), []).append(info)
-        futures = {}
-        for item in manifest.items:
+        def finished(item: Any, res: dict[str, Any]) -> None:
+            if res.get("bytes"):
+                sizes[item.name] = res["bytes"]
+                display.total = max(1, sum(sizes.values()))
+            results[item.name] = res
+            if res["status"] == "failed":
+                state.pop(item.name, None)
+            elif res.get("record"):
+                state[item.name] = res["record"]
+            save_state(spath, state)
+            display.item_finished(res)
+
+        def submit(item: Any) -> Any:
             kw: dict[str, Any] = {}
             if item.host:
                 if item.host not in known and not any(item.host in w for w in workers_by_addr):
-                    results[item.name] = _placement_failure(item, sorted(h for h in known if h))
-                    display.item_finished(results[item.name])
-                    continue
+                    finished(item, _placement_failure(item, sorted(h for h in known if h)))
+                    return None
                 kw = {"workers": [item.host], "allow_other_workers": False}
-            fut = client.submit(remote_item, item.to_dict(), state.get(item.name), workers, verify, qname,
-                                key=f"parablock-{item.name}-{uuid.uuid4().hex[:8]}", pure=False, **kw)
-            futures[fut] = item
+            return client.submit(remote_item, item.to_dict(), state.get(item.name), workers, verify, qname,
+                                 key=f"parablock-{item.name}-{uuid.uuid4().hex[:8]}", pure=False, **kw)
 
         def pump() -> None:
             while not stop.wait(0.5) and queue is not None:
@@ -124,8 +133,26 @@ def run_dask(manifest: Manifest, scheduler: str, *, workers: int | None = None, 
 
         pumper = threading.Thread(target=pump, daemon=True)
         pumper.start()
-        for fut in as_completed(list(futures)):
-            item = futures[fut]
+        deps = manifest.dependencies()
+        waiting = list(manifest.items)
+        running = as_completed()
+        futures: dict[Any, Any] = {}
+        while waiting or futures:
+            for item in list(waiting):
+                failed_dep = [d for d in deps[item.name] if results.get(d, {}).get("status") == "failed"]
+                if failed_dep:
+                    waiting.remove(item)
+                    finished(item, dependency_failure(item, failed_dep[0], results[failed_dep[0]]))
+                elif all(d in results for d in deps[item.name]):
+                    waiting.remove(item)
+                    fut = submit(item)
+                    if fut is not None:
+                        futures[fut] = item
+                        running.add(fut)
+            if not futures:
+                continue
+            fut = next(running)
+            item = futures.pop(fut)
             try:
                 res = fut.result()
             except Exception as exc:  # noqa: BLE001 - the task itself failed (e.g. its worker died)
@@ -133,16 +160,7 @@ def run_dask(manifest: Manifest, scheduler: str, *, workers: int | None = None, 
                        "format": item.format, "status": "failed", "error": f"Dask task failed: {exc}",
                        "bytes": 0, "data_bytes": 0, "seconds": 0.0, "digest": None, "verified": False,
                        "record": None}
-            if res.get("bytes"):
-                sizes[item.name] = res["bytes"]
-                display.total = max(1, sum(sizes.values()))
-            results[item.name] = res
-            if res["status"] == "failed":
-                state.pop(item.name, None)
-            elif res.get("record"):
-                state[item.name] = res["record"]
-            save_state(spath, state)
-            display.item_finished(res)
+            finished(item, res)
         stop.set()
         pumper.join(2)
     finally:

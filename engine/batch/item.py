@@ -111,7 +111,7 @@ def _verify(item: Item, ctx: Context) -> str:
 
 
 def _copy(item: Item, ctx: Context, dest: str) -> dict[str, int]:
-    from engine.convert import ConvertOptions, Converter
+    from engine.convert import Converter, ConvertOptions
     from engine.image import create_image, open_image
 
     ex = ctx.executor

@@ -15,7 +15,8 @@ Layer: engine.batch.  Schema (docs/BATCH.md has the full description and an exam
     format = "qcow2"           # target format: raw qcow2 vmdk vpc vhdx vdi qed
     compress = false           # qcow2 compressed clusters (convert -c)
     options = { cluster_size = "64k" }   # creation options (convert -o)
-    backing = "base.qcow2"     # the target's backing file (convert -B); relative to the target
+    backing = "base.qcow2"     # the target's backing file (convert -B); relative to the target. An
+                               # item whose backing file is another item's target runs after it
     backing_format = "qcow2"
     rate = "100M"              # bytes per second (convert -r)
     sparse = "4k"              # zero detection granularity (convert -S); "0" writes everything
@@ -85,6 +86,18 @@ class Manifest:
     path: str
     items: list[Item]
 
+    def dependencies(self) -> dict[str, set[str]]:
+        """Item name -> the items that must finish first: those whose target is its backing file."""
+        by_target = {i.target: i.name for i in self.items}
+        deps: dict[str, set[str]] = {}
+        for i in self.items:
+            deps[i.name] = set()
+            if i.backing:
+                b = os.path.normpath(os.path.join(os.path.dirname(i.target), i.backing))
+                if b in by_target:
+                    deps[i.name].add(by_target[b])
+        return deps
+
 
 def _text(v: Any) -> str:
     if isinstance(v, bool):
@@ -148,6 +161,25 @@ def load(path: str) -> Manifest:
         targets[item.target] = item.name
     if not entries and not errors:
         errors.append("no items")
+    if not errors:
+        m = Manifest(os.path.abspath(path), items)
+        deps = m.dependencies()
+        state: dict[str, int] = {}
+
+        def visit(n: str) -> bool:  # False on a cycle
+            if state.get(n) == 1:
+                return False
+            if state.get(n) == 2:
+                return True
+            state[n] = 1
+            ok = all(visit(d) for d in deps[n])
+            state[n] = 2
+            return ok
+
+        for n in deps:
+            if not visit(n):
+                errors.append(f"item {n}: its backing file depends on itself through other items")
+                break
     if errors:
         raise InvalidArgument(f"{path}: invalid manifest:\n  " + "\n  ".join(errors))
     return Manifest(os.path.abspath(path), items)

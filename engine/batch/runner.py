@@ -123,6 +123,13 @@ def plan(manifest: Manifest, state: dict[str, Any], verify: bool) -> list[dict[s
     return out
 
 
+def dependency_failure(item: Item, dep: str, dep_result: dict[str, Any]) -> dict[str, Any]:
+    return {"name": item.name, "kind": item.kind, "source": item.source, "target": item.target,
+            "format": item.format, "status": "failed",
+            "error": f"not run: its backing file comes from item {dep}, which failed",
+            "bytes": 0, "data_bytes": 0, "seconds": 0.0, "digest": None, "verified": False, "record": None}
+
+
 def report(manifest: Manifest, results: list[dict[str, Any]], t0: float, where: str) -> dict[str, Any]:
     counts = {s: sum(1 for r in results if r["status"] == s) for s in ("done", "skipped", "failed")}
     copied = sum(r.get("bytes", 0) for r in results if r["status"] == "done")
@@ -165,11 +172,24 @@ def run_local(manifest: Manifest, *, jobs: int | None = None, workers: int | Non
                 save_state(spath, state)
             display.item_finished(res)
 
+        deps = manifest.dependencies()
         with ThreadPoolExecutor(njobs, thread_name_prefix="parablock-batch") as tp:
-            pending = {tp.submit(run_item, item, state.get(item.name), ctx) for item in manifest.items}
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            waiting = list(manifest.items)
+            pending: dict = {}
+            while waiting or pending:
+                for item in list(waiting):
+                    failed_dep = [d for d in deps[item.name] if results.get(d, {}).get("status") == "failed"]
+                    if failed_dep:
+                        waiting.remove(item)
+                        finished(dependency_failure(item, failed_dep[0], results[failed_dep[0]]))
+                    elif all(d in results for d in deps[item.name]):
+                        waiting.remove(item)
+                        pending[tp.submit(run_item, item, state.get(item.name), ctx)] = item
+                if not pending:
+                    continue
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
+                    pending.pop(fut)
                     finished(fut.result())
     finally:
         if display is not None:

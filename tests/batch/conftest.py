@@ -36,6 +36,8 @@ def make_estate(d: Path) -> dict[str, Path]:
     # a live disk with a persistent dirty bitmap: the full backup is taken, then the guest writes
     qemu_img("create", "-q", "-f", "qcow2", str(src / "vm.qcow2"), "32M")
     qemu_io("-f", "qcow2", "-c", "write -P 0xd1 0 8M", str(src / "vm.qcow2"))
+    qemu_img("bitmap", "--add", str(src / "vm.qcow2"), "nightly")
+    qemu_io("-f", "qcow2", "-c", "write -P 0xd2 2M 128k", "-c", "write -P 0xd3 30M 4k", str(src / "vm.qcow2"))
     imgs["vm"] = src / "vm.qcow2"
     broken = src / "broken.qcow2"
     broken.write_bytes(b"QFI\xfb" + b"\xff" * 508)
@@ -45,6 +47,9 @@ def make_estate(d: Path) -> dict[str, Path]:
 
 def manifest_items() -> list[dict]:
     return [
+        {"name": "vm-inc-late", "kind": "backup", "sync": "incremental", "bitmap": "nightly",
+         "source": "src/vm.qcow2", "source_format": "qcow2", "target": "out/vm-inc-late.qcow2",
+         "backing": "broken.qcow2", "backing_format": "qcow2"},
         {"name": "web", "source": "src/web.qcow2", "target": "out/web.qcow2", "compress": True},
         {"name": "db", "source": "src/db.vdi", "target": "out/db.qcow2"},
         {"name": "win", "source": "src/win.vhd", "source_format": "vpc", "target": "out/win.qcow2",
@@ -53,6 +58,10 @@ def manifest_items() -> list[dict]:
          "format": "raw"},
         {"name": "vm-full", "kind": "backup", "source": "src/vm.qcow2", "source_format": "qcow2",
          "target": "out/vm-full.qcow2"},
+        # listed before the full backup it builds on: it waits for that item (its backing file)
+        {"name": "vm-inc", "kind": "backup", "sync": "incremental", "bitmap": "nightly",
+         "source": "src/vm.qcow2", "source_format": "qcow2", "target": "out/vm-inc.qcow2",
+         "backing": "vm-full.qcow2", "backing_format": "qcow2"},
         {"name": "broken", "source": "src/broken.qcow2", "source_format": "qcow2",
          "target": "out/broken.qcow2"},
     ]

@@ -11,7 +11,7 @@ from tests.util import needs_qemu, parablock, qemu_compare, qemu_img, qemu_io, q
 pytestmark = needs_qemu
 
 FORMATS = {"web": ("qcow2", "qcow2"), "db": ("vdi", "qcow2"), "win": ("vpc", "qcow2"),
-           "plain": ("raw", "raw"), "vm-full": ("qcow2", "qcow2")}
+           "plain": ("raw", "raw"), "vm-full": ("qcow2", "qcow2"), "vm-inc": ("qcow2", "qcow2")}
 
 
 def _report(p) -> dict:
@@ -41,7 +41,13 @@ def test_batch_local_mixed_broken_and_rerun(estate):
     assert "broken.qcow2" in by["broken"]["error"]
     assert "broken: failed:" in p.stderr and "Traceback" not in p.stderr
     assert not (d / "out" / "broken.qcow2").exists()
-    assert rep["summary"] == {**rep["summary"], "done": 5, "failed": 1, "skipped": 0, "total": 6}
+    assert rep["summary"] == {**rep["summary"], "done": 6, "failed": 2, "skipped": 0, "total": 8}
+    # the incremental backup ran after the full one it builds on, and holds only the dirty clusters
+    top = [e for e in qemu_json("map", str(d / "out" / "vm-inc.qcow2")) if e["depth"] == 0 and e["data"]]
+    assert sum(e["length"] for e in top) == 128 * 1024 + 64 * 1024, top
+    # the one built on the broken item's target was not run
+    assert by["vm-inc-late"]["status"] == "failed"
+    assert "comes from item broken, which failed" in by["vm-inc-late"]["error"]
     # the web item asked for compression: its target holds compressed clusters
     assert qemu_json("info", str(d / "out" / "web.qcow2"))["actual-size"] < 3 << 20
     # same digest for the same content, whatever the format
@@ -126,6 +132,7 @@ def test_dry_run_plans_with_measure_and_changes_nothing(estate):
     assert by["win"]["measure"]["required"] == want_win["required"]
     assert by["plain"]["measure"]["required"] == 8 << 20
     assert by["broken"]["action"] == "fail" and by["broken"]["error"]
+    assert by["vm-inc"]["sync"] == "incremental"
     assert all(by[n]["action"] == "run" for n in FORMATS)
     assert list((d / "out").iterdir()) == []
     assert not (d / "batch.json.state.json").exists()
@@ -141,6 +148,9 @@ def test_dry_run_plans_with_measure_and_changes_nothing(estate):
     ('[[item]]\nsource = "a"\ntarget = "b"\n[[item]]\nsource = "c"\ntarget = "b"\n', "the name 'b' is used twice"),
     ('[[item]]\nsource = "a"\ntarget = "b"\nbogus = 1\n', "unknown key 'bogus'"),
     ("[[item]\n", "not valid TOML"),
+    ('[[item]]\nsource = "a"\ntarget = "x/b"\nbacking = "c"\nbacking_format = "qcow2"\n'
+     '[[item]]\nsource = "a"\ntarget = "x/c"\nbacking = "b"\nbacking_format = "qcow2"\n',
+     "depends on itself"),
 ])
 def test_bad_manifests(tmp_path, text, msg):
     man = tmp_path / "m.toml"
@@ -158,9 +168,9 @@ def test_progress_display_and_report_file(estate):
     assert p.returncode == 1
     assert p.stdout == ""
     rep = json.loads((d / "report.json").read_text())
-    assert rep["summary"]["done"] == 5
+    assert rep["summary"]["done"] == 6
     # not a terminal: status lines and one line per finished item on stderr
-    assert "batch: 6/6 items" in p.stderr
+    assert "batch: 8/8 items" in p.stderr
     for n in FORMATS:
         assert f"{n}: done" in p.stderr
     assert "broken: failed:" in p.stderr
