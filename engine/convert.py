@@ -258,7 +258,7 @@ class Converter:
             if self.opts.only is not None:
                 pieces = _restrict(pieces, self.opts.only)
             if (self.opts.target_has_backing or self.opts.base is not None
-                    or self.opts.only is not None) and self.qcow2:
+                    or self.opts.only is not None) and (self.qcow2 or self.generic):
                 pieces = self._resolve_partial_skips(pos, pieces)
             yield _Window(pos, n, pieces)
             pos += n

@@ -129,7 +129,7 @@ def convert_cmd(src_fmt, out_fmt, options, compress, backing, backing_fmt, no_cr
         backing = create_opts.pop("backing_file")
         backing_fmt = backing_fmt or create_opts.pop("backing_fmt", None)
     if backing is not None:
-        if out_fmt != "qcow2":
+        if not cls.supports_backing:
             die(f"Backing file not supported for file format '{out_fmt}'")
         if not backing_fmt:
             die("Use of backing file requires explicit backing format")

@@ -27,11 +27,24 @@ def _fmt_val(v) -> str:
     return str(v)
 
 
+# other formats: qemu-img 7.2's option order and the defaults it always prints
+_ECHO = {
+    "vmdk": (["size", "adapter_type", "backing_file", "backing_fmt", "compat6", "hwversion", "toolsversion",
+              "subformat", "zeroed_grain"], {"compat6": False, "hwversion": "undefined"}),
+    "vpc": (["size", "subformat", "force_size"], {}),
+    "vhdx": (["size", "log_size", "block_size", "subformat", "block_state_zero"],
+             {"log_size": 1048576, "block_size": 0}),
+    "vdi": (["size", "static"], {"static": False}),
+    "qed": (["size", "backing_file", "backing_fmt", "cluster_size", "table_size"], {"cluster_size": 65536}),
+}
+
+
 def echo_line(filename: str, fmt: str, opts: dict) -> str:
     parts = [f"Formatting '{filename}', fmt={fmt}"]
-    if fmt == "qcow2":
-        merged = {**_QCOW2_DEFAULTS, **opts}
-        for k in _QCOW2_ORDER:
+    if fmt == "qcow2" or fmt in _ECHO:
+        order, defaults = (_QCOW2_ORDER, _QCOW2_DEFAULTS) if fmt == "qcow2" else _ECHO[fmt]
+        merged = {**defaults, **opts}
+        for k in order:
             if k in merged and merged[k] is not None:
                 parts.append(f"{k}={_fmt_val(merged[k])}")
     else:
@@ -76,7 +89,7 @@ def create_cmd(fmt, backing, backing_fmt, options, unsafe, quiet, filename, size
         nbytes = opts["size"]
     opts.pop("size", None)
     if opts.get("backing_file"):
-        if fmt != "qcow2":
+        if not driver_class(fmt).supports_backing:
             die(f"{filename}: Backing file not supported for file format '{fmt}'")
         if not opts.get("backing_fmt"):
             die(f"{filename}: Backing file specified without backing format")
