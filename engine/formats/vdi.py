@@ -1,27 +1,69 @@
-"""The ``vdi`` format (VirtualBox), read side: static and dynamic images as qemu-img 7.2 makes them.
+"""The ``vdi`` format (VirtualBox): static and dynamic images, read, written and created as qemu-img 7.2 does.
 
-Layer: engine.  Little-endian header: 64 bytes of text, signature 0xBEDA107F at byte 64, version 1.1,
-then the v1.1 header (image type, block map offset, data offset, sector size, disk size, 1 MiB blocks).
-The block map holds one u32 per block: the block's index in the data area (data at
-``offset_data + index * block_size``), 0xFFFFFFFF for unallocated, 0xFFFFFFFE for discarded (zero).
-Unallocated and discarded blocks read as zeros and report ZERO in block status, as QEMU's vdi driver
-does; allocated blocks report DATA with their host offset (static images let the file say where it
-has holes, as QEMU's driver does).
-Writing VDI (convert -O vdi) is not supported yet.
+Layer: engine (imports engine.driver, engine.errors, engine.units and, to create, engine.formats.file).
+Little-endian header: 64 bytes of text, signature 0xBEDA107F at byte 64, version 1.1, then the v1.1
+header (image type, block map offset, data offset, sector size, disk size, 1 MiB blocks).  The block map
+holds one u32 per block: the block's index in the data area (data at ``offset_data + index * block_size``),
+0xFFFFFFFF for unallocated, 0xFFFFFFFE for discarded (zero).  Unallocated and discarded blocks read as
+zeros and report ZERO in block status, as QEMU's vdi driver does; allocated blocks report DATA with their
+host offset (static images let the file say where it has holes, as QEMU's driver does).
+
+Writing follows QEMU's block/vdi.c: an allocated block is overwritten in place; an unallocated one gets
+the next index of the data area (``blocks_allocated``, so the file grows by whole blocks at its end) and is
+written whole, the new data padded with zeros.  Invariant (crash consistency): data before metadata.  A
+request first writes every block's data, then (after a flush, a barrier that cache=unsafe turns into a
+no-op) the header with the new ``blocks_allocated``, then the block-map sectors it changed.  The header
+goes first, as in QEMU: a crash between the two leaves a counted but unmapped block (a leak qemu-img check
+reports), never a mapped block that the next allocation would hand out again.  ``write_zeroes`` keeps
+unallocated blocks unallocated and zeroes allocated ones in place (QEMU writes zero buffers, allocating;
+both read the same).  ``create`` writes qemu-img's layout: a 512-byte header (header_size 384), the map at
+512, data at 512 + the map rounded up to 512, random UUIDs stored as QEMU stores them; ``static=on``
+gives image type 2, every block allocated in order.
 """
 from __future__ import annotations
 
 import struct
-from typing import Any
+import uuid
+from typing import TYPE_CHECKING, Any
 
 from engine.driver import BlockDriver, Extent, Status, read_mapped, register
-from engine.errors import ImageOpenError
+from engine.errors import CorruptImage, ImageOpenError, InvalidArgument, NotSupported, OutOfBounds
+from engine.units import round_up
+
+if TYPE_CHECKING:
+    from ipc.executor import Executor
 
 SIGNATURE = 0xBEDA107F
 VERSION_1_1 = 0x00010001
 UNALLOCATED = 0xFFFFFFFF
 DISCARDED = 0xFFFFFFFE
 MAX_BLOCKS = 0x3FFFFFFF  # QEMU's VDI_BLOCKS_IN_IMAGE_MAX
+TYPE_DYNAMIC, TYPE_STATIC = 1, 2
+HEADER_TEXT = b"<<< QEMU VM Virtual Disk Image >>>\n"
+HEADER_SIZE = 0x180  # the v1.1 header's size as QEMU records it (the structure on disk is 512 bytes)
+OFFSET_BMAP = 512
+DEFAULT_BLOCK_SIZE = 1 << 20
+#: the largest disk qemu-img 7.2 creates: 0x1fffff80 blocks of 1 MiB (its error message says so)
+DISK_SIZE_MAX = 0x1FFFFF80 * DEFAULT_BLOCK_SIZE
+_OFF_BLOCKS_ALLOCATED = 388
+
+
+def vdi_header(size: int, static: bool) -> tuple[bytes, list[int]]:
+    """The 512-byte header and the block map qemu-img 7.2 writes for a ``size``-byte image (``size`` a
+    multiple of 512).  Pure; the UUIDs are random (version 4, fields little-endian as QEMU stores them)."""
+    blocks = -(-size // DEFAULT_BLOCK_SIZE)
+    bmap_bytes = round_up(blocks * 4, 512)
+    h = bytearray(512)
+    h[:len(HEADER_TEXT)] = HEADER_TEXT
+    struct.pack_into("<IIIII", h, 64, SIGNATURE, VERSION_1_1, HEADER_SIZE,
+                     TYPE_STATIC if static else TYPE_DYNAMIC, 0)
+    struct.pack_into("<II", h, 340, OFFSET_BMAP, OFFSET_BMAP + bmap_bytes)
+    struct.pack_into("<I", h, 360, 512)
+    struct.pack_into("<QIIII", h, 368, size, DEFAULT_BLOCK_SIZE, 0, blocks, blocks if static else 0)
+    h[392:408] = uuid.uuid4().bytes_le  # uuid_image
+    h[408:424] = uuid.uuid4().bytes_le  # uuid_last_snap; link and parent stay null
+    bmap = list(range(blocks)) if static else [UNALLOCATED] * blocks
+    return bytes(h), bmap
 
 
 @register
@@ -33,6 +75,39 @@ class VdiDriver(BlockDriver):
         if len(head) >= 68 and struct.unpack_from("<I", head, 64)[0] == SIGNATURE:
             return 100
         return 0
+
+    @classmethod
+    def create(cls, filename: str, size: int | None, executor: Executor, options: dict[str, Any]) -> None:
+        """``qemu-img create -f vdi [-o static=on]``: header, block map and (static) the data area as a
+        sparse file of the full size.  ``preallocation`` off/falloc/full is accepted and, as with qemu-img
+        (it reaches only the empty protocol file), changes nothing.  Raises InvalidArgument (unknown
+        option, bad value, no size), NotSupported (preallocation=metadata, size above qemu's limit) and
+        ImageOpenError (the file cannot be created)."""
+        from engine.formats.file import FileDriver
+
+        opts = dict(options)
+        static = bool(opts.pop("static", False))
+        check_protocol_prealloc(opts.pop("preallocation", "off"))
+        opts.pop("cache", None)
+        if opts:
+            raise InvalidArgument(f"Invalid parameter '{next(iter(opts))}'")
+        if size is None:
+            raise InvalidArgument("Image creation needs a size parameter")
+        size = round_up(size, 512)
+        if size > DISK_SIZE_MAX:
+            raise NotSupported(f"Unsupported VDI image size (size is {size:#x}, max supported is "
+                               f"{DISK_SIZE_MAX:#x})")
+        header, bmap = vdi_header(size, static)
+        offset_data = struct.unpack_from("<I", header, 344)[0]
+        raw_map = struct.pack(f"<{len(bmap)}I", *bmap)
+        raw_map += bytes(offset_data - OFFSET_BMAP - len(raw_map))
+        f = FileDriver(filename, executor, read_only=False, create=True)
+        try:
+            f.write(0, header + raw_map)
+            if static:
+                f.truncate(offset_data + len(bmap) * DEFAULT_BLOCK_SIZE)
+        finally:
+            f.close()
 
     def open(self, options: dict[str, Any]) -> None:
         assert self.file is not None
@@ -71,10 +146,17 @@ class VdiDriver(BlockDriver):
         raw = self.file.read(self.offset_bmap, self.blocks_in_image * 4)
         if len(raw) < self.blocks_in_image * 4:
             raise ImageOpenError("Could not read VDI block map: the file is too short")
-        self.bmap = struct.unpack(f"<{self.blocks_in_image}I", raw)
+        self.bmap = list(struct.unpack(f"<{self.blocks_in_image}I", raw))
+        top = -1
         for entry in self.bmap:
-            if entry < DISCARDED and entry >= self.blocks_in_image:
-                raise ImageOpenError(f"VDI block map entry {entry:#x} out of range")
+            if entry < DISCARDED:
+                if entry >= self.blocks_in_image:
+                    raise ImageOpenError(f"VDI block map entry {entry:#x} out of range")
+                top = max(top, entry)
+        self._header = bytearray(head)
+        # the next block index to hand out: QEMU trusts blocks_allocated; a header that undercounts would
+        # make it give out a block already mapped, so never go below the highest index in use
+        self._next_index = max(self.blocks_allocated, top + 1)
 
     def size(self) -> int:
         return self.disk_size
@@ -103,3 +185,89 @@ class VdiDriver(BlockDriver):
             return Extent(Status.ZERO, n, 0, self.file)
         recurse = Status.RECURSE if self.image_type == 2 else Status(0)  # static images: ask the file
         return Extent(Status.DATA | Status.OFFSET_VALID | recurse, n, host, self.file)
+
+    # --- writing ------------------------------------------------------------------------------------
+    def _check_request(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.disk_size:
+            raise OutOfBounds(f"Request [{offset}, {offset + length}) is beyond the end of the VDI image "
+                              f"({self.disk_size} bytes)")
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at guest ``offset``: in place in allocated blocks, whole new blocks at the end of
+        the data area for the others, then the metadata (see the module docstring for the order).
+
+        Raises ReadOnlyError, OutOfBounds (past the disk size), CorruptImage (no block index left: the
+        map and blocks_allocated disagree) and the file's BlockError/OSError; on an error no metadata has
+        changed (blocks already overwritten in place keep their new bytes)."""
+        self.check_writable()
+        self._check_request(offset, len(data))
+        assert self.file is not None
+        bs = self.block_size
+        view = memoryview(data)
+        new: list[tuple[int, int]] = []  # (guest block, index in the data area) allocated by this request
+        pos = 0
+        while pos < len(data):
+            block, in_block = divmod(offset + pos, bs)
+            n = min(bs - in_block, len(data) - pos)
+            entry = self.bmap[block]
+            if entry < DISCARDED:
+                self.file.write(self.offset_data + entry * bs + in_block, bytes(view[pos:pos + n]))
+            else:
+                index = self._next_index + len(new)
+                if index >= self.blocks_in_image:
+                    raise CorruptImage(f"VDI image has no free block left for block {block} "
+                                       f"(blocks_allocated {self.blocks_allocated}, {self.blocks_in_image} "
+                                       "blocks in the image)")
+                if n == bs:
+                    payload = bytes(view[pos:pos + n])
+                else:  # unallocated and discarded blocks read as zeros: that is the rest of the block
+                    buf = bytearray(bs)
+                    buf[in_block:in_block + n] = view[pos:pos + n]
+                    payload = bytes(buf)
+                self.file.write(self.offset_data + index * bs, payload)
+                new.append((block, index))
+            pos += n
+        if new:
+            self._link(new)
+
+    def _link(self, new: list[tuple[int, int]]) -> None:
+        """Record blocks whose data is written: barrier, header (blocks_allocated), then the map sectors."""
+        assert self.file is not None
+        self.file.flush()
+        self._next_index += len(new)
+        self.blocks_allocated = self._next_index
+        struct.pack_into("<I", self._header, _OFF_BLOCKS_ALLOCATED, self.blocks_allocated)
+        self.file.write(0, bytes(self._header))
+        for block, index in new:
+            self.bmap[block] = index
+        first = min(b for b, _ in new) // 128  # 128 u32 entries per 512-byte sector
+        last = max(b for b, _ in new) // 128
+        lo, hi = first * 128, min((last + 1) * 128, self.blocks_in_image)
+        raw = struct.pack(f"<{hi - lo}I", *self.bmap[lo:hi])
+        self.file.write(self.offset_bmap + lo * 4, raw)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        """Zero [offset, offset+length): unallocated and discarded blocks already read as zeros and stay
+        so; allocated ones are zeroed in place (whole or partly).  Raises ReadOnlyError, OutOfBounds and
+        the file's errors."""
+        self.check_writable()
+        self._check_request(offset, length)
+        assert self.file is not None
+        pos, end = offset, offset + length
+        while pos < end:
+            host, left = self._host(pos)
+            n = min(left, end - pos)
+            if host is not None:
+                self.file.write_zeroes(host, n, unmap)
+            pos += n
+
+
+def check_protocol_prealloc(value: Any) -> None:
+    """The preallocation option of vdi and vpc in qemu-img 7.2: only the (empty) protocol file sees it, so
+    off, falloc and full are accepted and change nothing.  Raises NotSupported (metadata) and
+    InvalidArgument (anything else)."""
+    mode = str(value)
+    if mode == "metadata":
+        raise NotSupported("Unsupported preallocation mode: metadata")
+    if mode not in ("off", "falloc", "full"):
+        raise InvalidArgument(f"invalid parameter value: {mode}")
