@@ -74,7 +74,7 @@ def rebase_cmd(fmt, cache, src_cache, progress, unsafe, force_share, quiet, back
         die("Expecting one image file name")
     ex = make_executor()
     with opened(filename, fmt, read_only=False, backing=not unsafe, cache=cache, executor=ex) as node:
-        if node.format_name != "qcow2":
+        if not hasattr(node, "set_backing"):
             die(f"Could not change the backing file to '{backing}': Operation not supported")
         if not unsafe:
             new_node = None
