@@ -198,7 +198,8 @@ class Converter:
         if self.qcow2:
             self.tcs = target.cluster_size() or 65536
         elif self.generic:
-            self.tcs = max(512, min(target.cluster_size() or 65536, 16 * MiB))
+            # a window must fit one slot: a block bigger than that (vhdx's 8 MiB) is written in parts
+            self.tcs = max(512, min(target.cluster_size() or 65536, 16 * MiB, mover.slot_size))
         else:
             self.tcs = 512
         if opts.compress and not self.qcow2:

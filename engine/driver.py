@@ -52,6 +52,9 @@ class BlockDriver:
     is_filter: ClassVar[bool] = False
     #: requests may run concurrently from several threads (no metadata state of its own)
     thread_safe: ClassVar[bool] = False
+    #: False where QEMU's driver has no block status (vhdx): ``map`` then shows what qemu-img shows,
+    #: while convert still uses the real extents
+    qemu_block_status: ClassVar[bool] = True
 
     def __init__(self, filename: str, executor: "Executor", read_only: bool) -> None:
         self.filename = filename

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import click
 
-from engine.block import chain_block_status
+from engine.block import chain, chain_block_status
 from engine.cli.common import die, opened
 from engine.cli.main import cli
 from engine.driver import BlockDriver, Status
@@ -31,6 +31,9 @@ class MapEntry:
 def get_block_status(node: BlockDriver, offset: int, length: int) -> MapEntry:
     """One map entry for the run at ``offset`` (qemu-img's get_block_status)."""
     ext, depth = chain_block_status(node, offset, length)
+    if not chain(node)[depth].qemu_block_status:
+        # QEMU's driver for this format (vhdx) reports no block status: all data, no offset
+        return MapEntry(offset, ext.length, depth, True, False, True, None, None)
     st = ext.status
     has_offset = bool(st & Status.OFFSET_VALID)
     return MapEntry(offset, ext.length, depth, bool(st & Status.ALLOCATED), bool(st & Status.ZERO),
