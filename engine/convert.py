@@ -530,6 +530,14 @@ class Converter:
         written whole (the slot holds zeros between runs), the others are left to zero-init or zeroed."""
         cs = self.tcs
         view = self.mover.slots.slot(slot)
+        if getattr(self.target, "preallocated", False) and self.opts.target_zero_init:
+            # a fixed VHD or static VDI: nothing to allocate, and a fresh one reads as zeros, so only
+            # the non-zero runs are written (the output stays as sparse as qemu-img's)
+            for r, n in runs:
+                self.target.write(win.start + r, bytes(view[r:r + n]))
+                self.stats.fallback_bytes += n
+                self.stats.data_bytes += n
+            return []
         data_clusters = sorted({c for r, n in runs for c in range(r // cs, (r + n - 1) // cs + 1)})
         skip_clusters = {c for r, n in skip for c in range(r // cs, (r + n - 1) // cs + 1)
                          if r <= c * cs and (c + 1) * cs <= r + n}

@@ -161,6 +161,11 @@ class VdiDriver(BlockDriver):
     def size(self) -> int:
         return self.disk_size
 
+    @property
+    def preallocated(self) -> bool:
+        """Every block has its place already (static images): convert writes only the non-zero runs."""
+        return self.image_type == 2
+
     def cluster_size(self) -> int | None:
         return self.block_size
 

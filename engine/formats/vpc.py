@@ -259,6 +259,11 @@ class VpcDriver(BlockDriver):
     def cluster_size(self) -> int | None:
         return self.block_size if self.disk_type == TYPE_DYNAMIC else None
 
+    @property
+    def preallocated(self) -> bool:
+        """Every block has its place already (fixed disks): convert writes only the non-zero runs."""
+        return self.disk_type == TYPE_FIXED
+
     def _host(self, offset: int) -> tuple[int | None, int]:
         if self.disk_type == TYPE_FIXED:
             return offset, self.total - offset
