@@ -276,6 +276,9 @@ class Converter:
         try:
             for win in self._windows():
                 if not win.has_data and self.opts.sparse:
+                    if self.generic and not self.opts.target_zero_init:
+                        while inflight or writing:  # zeroes allocate too: keep the target's guest order
+                            self._reap(inflight, writing)
                     self._no_data_window(win)
                     self._advance(win.length)
                 else:
@@ -542,20 +545,24 @@ class Converter:
         skip_clusters = {c for r, n in skip for c in range(r // cs, (r + n - 1) // cs + 1)
                          if r <= c * cs and (c + 1) * cs <= r + n}
         nclusters = -(-win.length // cs)
-        for c in range(nclusters):
-            if c not in data_clusters and c not in skip_clusters:
+        data = set(data_clusters)
+        c = 0
+        while c < nclusters:  # in guest order: the target allocates its blocks in the order they come
+            if c in skip_clusters:
+                c += 1
+                continue
+            if c not in data:
                 self._zero_target(win.start + c * cs, min(cs, win.length - c * cs))
-        i = 0
-        while i < len(data_clusters):
-            j = i
-            while j + 1 < len(data_clusters) and data_clusters[j + 1] == data_clusters[j] + 1:
+                c += 1
+                continue
+            j = c
+            while j + 1 < nclusters and j + 1 in data:
                 j += 1
-            lo = data_clusters[i] * cs
-            hi = min((data_clusters[j] + 1) * cs, win.length)
+            lo, hi = c * cs, min((j + 1) * cs, win.length)
             self.target.write(win.start + lo, bytes(view[lo:hi]))
             self.stats.fallback_bytes += hi - lo
             self.stats.data_bytes += hi - lo
-            i = j + 1
+            c = j + 1
         return []
 
     def _subcluster_bitmaps(self, runs: list, c0: int, count: int) -> list[int] | None:

@@ -657,6 +657,8 @@ def write_f(s: Session, argv: list[str]) -> int:
         if fua:
             s.node.flush()
     except (BlockError, OSError) as exc:
+        if getattr(exc, "error_report", False):  # the driver's own message, as QEMU's error_report
+            error_report(str(exc))
         out(f"write failed: {strerror(io_errno(exc))}\n")
         return -io_errno(exc)
     t2 = time.monotonic_ns()
