@@ -39,6 +39,20 @@ class Context:
     progress: ProgressFn = field(default=lambda name, done, total: None)
 
 
+def _sync_dir(path: str) -> None:
+    """Make a rename durable (the directory entry reaches the disk)."""
+    try:
+        fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def file_sig(path: str) -> list[int] | None:
     try:
         st = os.stat(path)
@@ -138,13 +152,24 @@ def _copy(item: Item, ctx: Context, dest: str) -> dict[str, int]:
             ctx.progress(item.name, done, total)
 
         stats = Converter([src], target, ctx.mover, opts, progress=progress).run()
-        target.flush()
+        _durable_flush(target)
         return {"bytes": total, "data_bytes": stats.data_bytes, "zero_bytes": stats.zero_bytes,
                 "skipped_bytes": stats.skipped_bytes}
     finally:
         src.close()
         if target is not None:
             target.close()
+
+
+def _durable_flush(node: Any) -> None:
+    """The copy ran with cache=unsafe (no flush at every metadata barrier, as qemu-img convert); before
+    the target is renamed into place and recorded as done, its files reach the disk once."""
+    files = [node.file] + [e.file for e in getattr(node, "extents", [])]
+    for f in files:
+        if f is not None:
+            f.cache_unsafe = False
+    node.cache_unsafe = False
+    node.flush()  # a format's flush flushes its files (every extent of a vmdk)
 
 
 def _clear_bitmap(item: Item, ctx: Context) -> None:
@@ -182,6 +207,7 @@ def run_item(item: Item, prior: dict[str, Any] | None, ctx: Context) -> dict[str
             result.update(_copy(item, ctx, dest))
             if dest != item.target:
                 os.replace(dest, item.target)
+                _sync_dir(os.path.dirname(item.target))
         except BaseException:
             if dest != item.target:
                 try:

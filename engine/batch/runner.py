@@ -141,7 +141,7 @@ def report(manifest: Manifest, results: list[dict[str, Any]], t0: float, where: 
 
 
 def run_local(manifest: Manifest, *, jobs: int | None = None, workers: int | None = None,
-              memory: int = 256 * MiB, verify: bool = False, state_file: str | None = None,
+              memory: int = 64 * MiB, verify: bool = False, state_file: str | None = None,
               progress: bool = False) -> dict[str, Any]:
     from workers.pool import PoolExecutor, WorkerPool, default_workers
 
@@ -149,7 +149,7 @@ def run_local(manifest: Manifest, *, jobs: int | None = None, workers: int | Non
     spath = state_path(manifest, state_file)
     state = load_state(spath)
     nworkers = workers or default_workers()
-    njobs = max(1, min(jobs or max(2, nworkers), len(manifest.items)))
+    njobs = max(1, min(jobs or max(2, 2 * nworkers), len(manifest.items)))
     nslots = max(2 * njobs + 1, memory // SLOT)
     inflight = max(1, (nslots - 1) // njobs - 1)
     pool = WorkerPool(nworkers, nslots=nslots, slot_size=SLOT, wait=False)

@@ -26,7 +26,7 @@ from engine.units import parse_size
 @click.option("-j", "--jobs", type=int, default=None, help="Items run at once (local runs).")
 @click.option("--workers", type=int, default=None,
               help="Worker processes: shared by all items (local), per item (Dask).")
-@click.option("--memory", default="256M", help="Shared-memory budget for data buffers (local runs).")
+@click.option("--memory", default="64M", help="Shared-memory budget for data buffers (local runs).")
 @click.option("--verify", is_flag=True, help="Compare content digests of every source and its target.")
 @click.option("--dry-run", is_flag=True, help="Print the plan with size estimates; change nothing.")
 @click.option("--state", "state_file", default=None, help="State file (default: MANIFEST.state.json).")
