@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -14,13 +16,40 @@ distributed = pytest.importorskip("distributed")
 pytestmark = needs_qemu
 
 
+_CLUSTER = """
+import sys
+from distributed import LocalCluster
+with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, host="127.0.0.1",
+                  dashboard_address=None, silence_logs=40) as c:
+    print(c.scheduler_address, flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+class _Cluster:
+    def __init__(self, address: str) -> None:
+        self.scheduler_address = address
+
+
 @pytest.fixture
-def cluster(monkeypatch):
-    # the Dask workers start parablock's item processes: they must find this checkout
-    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True, host="127.0.0.1",
-                                  dashboard_address=None, silence_logs=40) as c:
-        yield c
+def cluster():
+    """A LocalCluster on loopback, in a process of its own: its workers (and the helper processes
+    multiprocessing starts for them) are gone when that process ends, not left in the test process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-c", _CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        address = proc.stdout.readline().strip()
+        assert address.startswith("tcp://"), "the LocalCluster did not start"
+        yield _Cluster(address)
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
 
 
 def test_batch_on_local_cluster(estate, cluster):
