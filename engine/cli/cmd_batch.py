@@ -33,16 +33,29 @@ from engine.units import parse_size
 @click.option("--report", "report_file", default=None, help="Write the JSON report here instead of stdout.")
 @click.option("-p", "progress", is_flag=True, help="Show progress.")
 @click.option("-q", "quiet", is_flag=True, help="No report on stdout.")
+@click.option("--target-dir", default=None, help="MANIFEST is a directory: convert every image in it to here.")
+@click.option("-O", "out_fmt", default="qcow2", help="With a directory: the target format.")
+@click.option("-c", "compress", is_flag=True, help="With a directory: compressed qcow2 targets.")
+@click.option("-o", "options", multiple=True, help="With a directory: creation options.")
+@click.option("--save-manifest", default=None, help="With a directory: write the manifest made from it.")
 def batch_cmd(manifest, scheduler, jobs, workers, memory, verify, dry_run, state_file, report_file, progress,
-              quiet):
-    """Run the conversions and backups of a manifest (TOML or JSON) in parallel."""
+              quiet, target_dir, out_fmt, compress, options, save_manifest):
+    """Run the conversions and backups of a manifest (TOML or JSON) in parallel, or convert every image of
+    a directory (``parablock batch DIR --target-dir OUT``)."""
+    import os
+
     from engine.batch.manifest import load
     from engine.batch.runner import load_state, plan, state_path
 
-    try:
-        m = load(manifest)
-    except BlockError as exc:
-        die(exc.message)
+    if os.path.isdir(manifest):
+        m = _from_dir(manifest, target_dir, out_fmt, compress, options, save_manifest, dry_run)
+    else:
+        if target_dir or save_manifest:
+            die("--target-dir and --save-manifest go with a directory of images, not a manifest")
+        try:
+            m = load(manifest)
+        except BlockError as exc:
+            die(exc.message)
     if jobs is not None and jobs < 1:
         die("--jobs must be at least 1")
     if workers is not None and workers < 1:
@@ -82,6 +95,45 @@ def batch_cmd(manifest, scheduler, jobs, workers, memory, verify, dry_run, state
             print(f"{r['name']}: failed: {r['error']}", file=sys.stderr)
     if failed:
         raise SystemExit(1)
+
+
+def _from_dir(src_dir, target_dir, out_fmt, compress, options, save_manifest, dry_run):
+    import os
+
+    from engine.batch.manifest import TARGET_FORMATS
+    from engine.batch.scan import manifest_from_dir
+    from engine.cli.common import make_executor, parse_o
+
+    if not target_dir:
+        die(f"'{src_dir}' is a directory: give --target-dir for the converted images")
+    if out_fmt not in TARGET_FORMATS:
+        die(f"Unknown target format '{out_fmt}' (one of {', '.join(TARGET_FORMATS)})")
+    try:
+        opts = {k: ("on" if v is True else "off" if v is False else str(v)) for k, v in parse_o(options).items()}
+    except BlockError as exc:
+        die(exc.message)
+    if not dry_run:
+        try:
+            os.makedirs(target_dir, exist_ok=True)
+        except OSError as exc:
+            die(f"Could not create '{target_dir}': {exc.strerror}")
+    ex = make_executor()
+    try:
+        m, items, notes = manifest_from_dir(src_dir, target_dir, out_fmt, compress, opts, ex,
+                                            target_dir if os.path.isdir(target_dir) else src_dir)
+    except BlockError as exc:
+        die(exc.message)
+    finally:
+        ex.close_all()
+    for note in notes:
+        click.echo(f"parablock: {note}", err=True)
+    if save_manifest:
+        try:
+            with open(save_manifest, "w") as f:
+                f.write(json.dumps({"item": items}, indent=2) + "\n")
+        except OSError as exc:
+            die(f"Could not write '{save_manifest}': {exc.strerror}")
+    return m
 
 
 def _emit(doc: dict, report_file: str | None, quiet: bool) -> None:
