@@ -65,9 +65,11 @@ class BatchProgress:
             if self.tty:
                 bar = self.bars.get(name)
                 if bar is None:
+                    used = {b.pos for b in self.bars.values()}
+                    line = next(i for i in range(1, len(used) + 2) if i not in used and -i not in used)
                     bar = self.bars[name] = self._tqdm(total=max(1, total), unit="B", unit_scale=True,
                                                        unit_divisor=1024, desc=name, leave=False,
-                                                       position=len(self.bars) + 1, dynamic_ncols=True,
+                                                       position=line, dynamic_ncols=True,
                                                        file=self.stream)
                 bar.n = min(done, total)
                 bar.refresh()
