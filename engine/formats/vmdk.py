@@ -1005,6 +1005,18 @@ class VmdkDriver(BlockDriver):
         return {"type": "vmdk", "data": {"cid": self.cid, "parent-cid": self.parent_cid,
                                          "create-type": self.create_type, "extents": extents}}
 
+    def check_image(self, fix: int):
+        """``parablock check``: QEMU's vmdk check has no repair (NotSupported with -r, as qemu-img)."""
+        import os as _os
+
+        from engine.errors import NotSupported
+        from engine.formats.qcow2_check import CheckResult
+
+        if fix:
+            raise NotSupported("This image format does not support checks")
+        messages, err = self.check()
+        return CheckResult(messages=messages, error=_os.strerror(err) if err else None)
+
     def check(self) -> tuple[list[str], int]:
         """QEMU's vmdk check: every allocated grain must start inside its extent file.  Returns (messages,
         errno): errno 0 when the image is clean, else the error qemu-img reports as "Check failed"."""
