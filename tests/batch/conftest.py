@@ -27,6 +27,16 @@ def make_estate(d: Path) -> dict[str, Path]:
     qemu_img("create", "-q", "-f", "vpc", str(src / "win.vhd"), "16M")
     qemu_io("-f", "vpc", "-c", "write -P 0xc1 3M 1M", str(src / "win.vhd"))
     imgs["win"] = src / "win.vhd"
+    # what a VMware / Hyper-V / old KVM estate brings
+    qemu_img("convert", "-f", "qcow2", "-O", "vmdk", "-o", "subformat=streamOptimized", str(src / "web.qcow2"),
+             str(src / "esx.vmdk"))
+    imgs["esx"] = src / "esx.vmdk"
+    qemu_img("create", "-q", "-f", "vhdx", str(src / "hv.vhdx"), "20M")
+    qemu_io("-f", "vhdx", "-c", "write -P 0xe1 9M 1M", "-c", "write -P 0xe2 19M 512", str(src / "hv.vhdx"))
+    imgs["hv"] = src / "hv.vhdx"
+    qemu_img("create", "-q", "-f", "qed", str(src / "old.qed"), "12M")
+    qemu_io("-f", "qed", "-c", "write -P 0xf1 5M 200k", str(src / "old.qed"))
+    imgs["old"] = src / "old.qed"
     raw = src / "plain.img"
     with open(raw, "wb") as f:
         f.truncate(8 * MiB)
@@ -52,6 +62,9 @@ def manifest_items() -> list[dict]:
          "backing": "broken.qcow2", "backing_format": "qcow2"},
         {"name": "web", "source": "src/web.qcow2", "target": "out/web.qcow2", "compress": True},
         {"name": "db", "source": "src/db.vdi", "target": "out/db.qcow2"},
+        {"name": "esx", "source": "src/esx.vmdk", "target": "out/esx.qcow2", "verify": True},
+        {"name": "hv", "source": "src/hv.vhdx", "target": "out/hv.vmdk", "format": "vmdk"},
+        {"name": "old", "source": "src/old.qed", "target": "out/old.vhdx", "format": "vhdx"},
         {"name": "win", "source": "src/win.vhd", "source_format": "vpc", "target": "out/win.qcow2",
          "options": {"cluster_size": "4k"}},
         {"name": "plain", "source": "src/plain.img", "source_format": "raw", "target": "out/plain.raw",

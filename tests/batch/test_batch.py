@@ -11,7 +11,8 @@ from tests.util import needs_qemu, parablock, qemu_compare, qemu_img, qemu_io, q
 pytestmark = needs_qemu
 
 FORMATS = {"web": ("qcow2", "qcow2"), "db": ("vdi", "qcow2"), "win": ("vpc", "qcow2"),
-           "plain": ("raw", "raw"), "vm-full": ("qcow2", "qcow2"), "vm-inc": ("qcow2", "qcow2")}
+           "plain": ("raw", "raw"), "vm-full": ("qcow2", "qcow2"), "vm-inc": ("qcow2", "qcow2"),
+           "esx": ("vmdk", "qcow2"), "hv": ("vhdx", "vmdk"), "old": ("qed", "vhdx")}
 
 
 def _report(p) -> dict:
@@ -26,6 +27,8 @@ def _check_good_items(d, rep) -> None:
         assert qemu_compare(item["source"], item["target"], sfmt, tfmt).returncode == 0, name
         if tfmt == "qcow2":
             assert_qemu_clean(item["target"])
+        elif tfmt != "raw":
+            assert qemu_img("check", "-f", tfmt, item["target"]).returncode == 0, name
     assert not list((d / "out").glob(".*parablock-part")), "a partial file was left behind"
 
 
@@ -41,7 +44,7 @@ def test_batch_local_mixed_broken_and_rerun(estate):
     assert "broken.qcow2" in by["broken"]["error"]
     assert "broken: failed:" in p.stderr and "Traceback" not in p.stderr
     assert not (d / "out" / "broken.qcow2").exists()
-    assert rep["summary"] == {**rep["summary"], "done": 6, "failed": 2, "skipped": 0, "total": 8}
+    assert rep["summary"] == {**rep["summary"], "done": 9, "failed": 2, "skipped": 0, "total": 11}
     # the incremental backup ran after the full one it builds on, and holds only the dirty clusters
     top = [e for e in qemu_json("map", str(d / "out" / "vm-inc.qcow2")) if e["depth"] == 0 and e["data"]]
     assert sum(e["length"] for e in top) == 128 * 1024 + 64 * 1024, top
@@ -168,9 +171,9 @@ def test_progress_display_and_report_file(estate):
     assert p.returncode == 1
     assert p.stdout == ""
     rep = json.loads((d / "report.json").read_text())
-    assert rep["summary"]["done"] == 6
+    assert rep["summary"]["done"] == 9
     # not a terminal: status lines and one line per finished item on stderr
-    assert "batch: 8/8 items" in p.stderr
+    assert "batch: 11/11 items" in p.stderr
     for n in FORMATS:
         assert f"{n}: done" in p.stderr
     assert "broken: failed:" in p.stderr

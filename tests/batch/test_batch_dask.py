@@ -72,7 +72,7 @@ def test_batch_on_local_cluster(estate, cluster):
     assert by["broken"]["status"] == "failed" and "broken.qcow2" in by["broken"]["error"]
     assert by["elsewhere"]["status"] == "failed" and "no Dask worker on host '192.0.2.1'" in by["elsewhere"]["error"]
     assert not (d / "out" / "elsewhere.qcow2").exists()
-    assert "batch: 9/9 items" in p.stderr and "Traceback" not in p.stderr
+    assert "batch: 12/12 items" in p.stderr and "Traceback" not in p.stderr
 
     again = parablock("batch", str(manifest), "--scheduler", cluster.scheduler_address, "--verify",
                       check=False, timeout=300)
