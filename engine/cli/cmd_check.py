@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from engine.cli.common import CliExit, die, json_dumps, make_executor, opened
+from engine.cli.common import CliExit, die, json_dumps, make_executor
 from engine.cli.main import cli
 from engine.errors import BlockError, NotSupported
 from engine.formats.file import FileDriver
@@ -41,22 +41,23 @@ def human_report(r, quiet: bool) -> str:
 
 
 def json_report(r, filename: str, fmt: str) -> dict:
-    out: dict = {"image-end-offset": r.image_end_offset}
-    if r.compressed_clusters:
-        out["compressed-clusters"] = r.compressed_clusters
-    if r.total_clusters:
-        out["total-clusters"] = r.total_clusters
+    """qemu-img's ImageCheck as its QDict prints it: keys in hash-bucket order (corruptions and
+    corruptions-fixed come before check-errors), the optional ones only when non-zero."""
+    out: dict = {}
+    for key, val in (("image-end-offset", r.image_end_offset), ("compressed-clusters", r.compressed_clusters),
+                     ("total-clusters", r.total_clusters), ("corruptions", r.corruptions),
+                     ("corruptions-fixed", r.corruptions_fixed)):
+        if val:
+            out[key] = val
     out["check-errors"] = r.check_errors
-    for key, val in (("leaks", r.leaks), ("corruptions", r.corruptions), ("leaks-fixed", r.leaks_fixed),
-                     ("corruptions-fixed", r.corruptions_fixed), ("allocated-clusters", r.allocated_clusters)):
+    for key, val in (("leaks", r.leaks), ("leaks-fixed", r.leaks_fixed),
+                     ("allocated-clusters", r.allocated_clusters)):
         if val:
             out[key] = val
     out["filename"] = filename
     out["format"] = fmt
     if r.fragmented_clusters:
         out["fragmented-clusters"] = r.fragmented_clusters
-    if not r.image_end_offset:
-        del out["image-end-offset"]
     return out
 
 
@@ -124,8 +125,11 @@ def check_cmd(fmt, output, repair, cache, force_share, quiet, filename, image_op
 
 def _check_other(filename: str, fmt: str, fix: int):
     """Formats other than qcow2 check themselves: ``check_image(fix)`` returns a CheckResult, or raises
-    NotSupported when the format has no check (or no repair), as qemu-img answers with exit code 63."""
+    NotSupported when the format has no check (or no repair), as qemu-img answers with exit code 63.
+    The image is opened with the ``check`` option (QEMU's BDRV_O_CHECK): drivers then let through what
+    the check is there to report (vhdx BAT entries past EOF, vdi map entries out of range)."""
     from engine.driver import driver_class
+    from engine.image import open_image
 
     try:
         cls = driver_class(fmt)
@@ -134,9 +138,15 @@ def _check_other(filename: str, fmt: str, fix: int):
     if not hasattr(cls, "check_image"):
         die("This image format does not support checks", 63)
     try:
-        with opened(filename, fmt, read_only=not fix, backing=False) as node:
-            return node.check_image(fix)  # type: ignore[attr-defined]
+        node = open_image(filename, make_executor(), fmt=fmt, read_only=not fix, backing=False,
+                          options={"check": True})
+    except BlockError as exc:
+        die(f"Could not open '{filename}': {exc.message}")
+    try:
+        return node.check_image(fix)  # type: ignore[attr-defined]
     except NotSupported:
         die("This image format does not support checks", 63)
     except BlockError as exc:
         die(f"Could not open '{filename}': {exc.message}")
+    finally:
+        node.close()

@@ -56,6 +56,12 @@ Behaviour, as QEMU 7.2 where it has one:
 * Hostile input: the BAT must lie in the file (a huge virtual size cannot make it allocate), a log entry
   must not write past its last file offset (QEMU would write zeros for as long as a zero descriptor says),
   and every refusal is an ImageOpenError naming what is wrong (QEMU mostly says "Invalid argument").
+* ``check_image`` is qemu-img check's vhdx_co_check: a log replayed by the (``-r``, read-write) open is one
+  corruption fixed, and fully present BAT entries that overflow, lie (partly) past the end of the file
+  or overlap the log, BAT or metadata region are corruptions, reported in QEMU's words.  An open with
+  the ``check`` option (QEMU's BDRV_O_CHECK) lets such entries through for the check to report (any
+  other open refuses them, as QEMU's does), and words its refusal of a pending log on a read-only open
+  as qemu-img check does, hint included.
 * Block status: fully present blocks are DATA|OFFSET_VALID on the file (RECURSE, so holes in the host
   file read as zeros), ZERO-state blocks ZERO, other states unallocated (0).  QEMU 7.2's vhdx driver has
   no block-status callback, so ``qemu-img map`` shows the whole disk as one data extent without offsets;
@@ -81,6 +87,7 @@ from engine.driver import BlockDriver, Extent, Status, read_mapped, register
 from engine.errors import CorruptImage, ImageOpenError, InvalidArgument, NotSupported, os_error_text
 
 if TYPE_CHECKING:
+    from engine.formats.qcow2_check import CheckResult
     from ipc.executor import Executor
 
 KiB = 1 << 10
@@ -103,6 +110,8 @@ BLOCK_SIZE_MAX = 256 * MiB
 MAX_IMAGE_SIZE = 64 * TiB
 MAX_FILE_SIZE = 1 << 48  # far beyond any 64 TiB image with its metadata: a bound for hostile logs
 MAX_SECTORS_PER_BLOCK = 1 << 23
+_U64 = (1 << 64) - 1
+_INT64_MAX = (1 << 63) - 1
 DEFAULT_LOG_SIZE = 1 * MiB
 CREATOR = "parablock"  # diagnostic only (qemu-img 7.2 writes "QEMU v7.2.22")
 
@@ -174,11 +183,14 @@ def _make_table() -> list[int]:
     return table
 
 
-_TABLE = _make_table()
+_TABLE = None  # the fallback's table, built on first use
 
 
 def crc32c_fallback(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
     """Table-driven CRC-32C of ``data`` continuing ``crc`` (0 to start): the library-free path."""
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = _make_table()
     c = crc ^ 0xFFFFFFFF
     table = _TABLE
     for b in bytes(data):
@@ -208,7 +220,16 @@ def _pick_crc32c() -> Callable[..., int]:
         return crc32c_fallback
 
 
-crc32c: Callable[..., int] = _pick_crc32c()
+_crc_impl: Callable[..., int] | None = None
+
+
+def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
+    """CRC-32C of ``data`` continuing ``crc``.  The library is imported on first use, not with the module:
+    the crc32c package pulls in importlib.metadata and argparse (~35 ms of every command's start-up)."""
+    global _crc_impl
+    if _crc_impl is None:
+        _crc_impl = _pick_crc32c()
+    return _crc_impl(data, crc)
 
 
 def checksum(buf: bytes | bytearray, crc_offset: int = 4) -> int:
@@ -441,6 +462,10 @@ class VhdxDriver(BlockDriver):
         errno ENOTSUP (differencing images, unknown required regions or metadata)."""
         f = self.file
         assert f is not None
+        #: opened for ``parablock check`` (QEMU's BDRV_O_CHECK): BAT entries past the end of the file or
+        #: over a region are left to check_image to report instead of refusing the open, and a pending
+        #: log on a read-only open is refused in qemu-img check's words
+        self._checking = bool(options.get("check"))
         self._dirty_visible = False
         self._session_guid = _new_guid()
         #: blocks allocated by this open that were written only below the given in-block offset: what
@@ -456,6 +481,11 @@ class VhdxDriver(BlockDriver):
         if hdr.log_length:
             self._regions.append((hdr.log_offset, hdr.log_offset + hdr.log_length))
         self._parse_region_table()
+        # the regions as QEMU registers them (the log even when empty, then the region table's entries),
+        # for check_image's overlap test
+        table = self._regions[1:] if hdr.log_length else self._regions
+        self._qemu_regions = [(hdr.log_offset, (hdr.log_offset + hdr.log_length) & _U64)] + \
+            [(a, b & _U64) for a, b in table]
         self._parse_metadata()
         self._load_bat()
 
@@ -503,6 +533,10 @@ class VhdxDriver(BlockDriver):
         entries = _LogParser(ring, hdr.log_guid).search()
         if not entries:
             return False
+        if self.read_only and self._checking:  # qemu-img check's words, hint included
+            raise ImageOpenError(f"VHDX image file '{self.filename}' opened read-only, but contains a log "
+                                 "that needs to be replayed\nTo replay the log, run:\n"
+                                 f"parablock check -r all '{self.filename}'", errno=1)
         if self.read_only:
             raise ImageOpenError(f"VHDX image file '{self.filename}' opened read-only, but contains a log "
                                  "that needs to be replayed; open it read-write to replay it "
@@ -668,18 +702,82 @@ class VhdxDriver(BlockDriver):
             else:
                 block = i - i // cr1
                 length = max(0, min(bs, size - block * bs))
+            span = MiB if i % cr1 == self.chunk_ratio else bs
+            if self._checking and (offset >= self.file_size or offset + length > self.file_size or any(
+                    not (offset >= b or offset + span <= a) for a, b in self._regions)):
+                continue  # check_image reports it; the open goes on, as QEMU's under qemu-img check
             if offset >= self.file_size:
                 raise ImageOpenError(f"VHDX BAT entry {i} start offset {offset} points after end of file "
                                      f"({self.file_size}). Image has probably been truncated.")
             if offset + length > self.file_size:
                 raise ImageOpenError(f"VHDX BAT entry {i} end offset {offset + length - 1} points after end "
                                      f"of file ({self.file_size}). Image has probably been truncated.")
-            span = MiB if i % cr1 == self.chunk_ratio else bs
             for a, b in self._regions:
                 if not (offset >= b or offset + span <= a):
                     raise ImageOpenError(f"VHDX region {offset}-{offset + span} overlaps with region {a}-{b}")
             end = max(end, offset + span)
         self._alloc_end = end
+
+    # --- checking ------------------------------------------------------------------------------------------
+    def check_image(self, fix: int) -> CheckResult:
+        """``parablock check``: QEMU 7.2's vhdx_co_check.  A log replayed by this (read-write, i.e. ``-r``)
+        open counts as one corruption fixed; the BAT is then checked (see check_bat).  ``fix`` repairs
+        nothing else, so ``-r leaks`` and ``-r all`` report what a plain check does.  When something was
+        fixed, qemu-img checks again without repairing and reports that second check (its messages
+        printed a second time) with the first one's fixed counts: so does this."""
+        from engine.formats.qcow2_check import CheckResult
+
+        first = CheckResult(corruptions_fixed=1 if self.log_replayed else 0)
+        first.corruptions, first.messages = self.check_bat()
+        if not first.corruptions_fixed:
+            return first
+        again, messages = self.check_bat()
+        return CheckResult(corruptions=again, corruptions_fixed=first.corruptions_fixed,
+                           messages=first.messages + messages)
+
+    def check_bat(self) -> tuple[int, list[str]]:
+        """QEMU 7.2's vhdx_check_bat_entries over the BAT as loaded: (errors, messages).  Every fully
+        present entry must not overflow, must start (and, but for a partial last block, end) inside the
+        file, and its block must not overlap a region (log, BAT, metadata; QEMU skips this for every
+        ``chunk_ratio + 1``-th fully present entry, counting fully present entries only).  Messages carry
+        the ``parablock:`` prefix where qemu-img's carry ``qemu-img:``, with QEMU's arithmetic (u64)."""
+        assert self.file is not None
+        file_size = self.file.size()
+        bs = self.block_size
+        total = self.size()
+        payblocks = self.chunk_ratio
+        regions = self._qemu_regions[::-1]  # QEMU inserts at the head of its list
+        errors = 0
+        messages: list[str] = []
+        trunc = "Image has probably been truncated."
+        for i, entry in enumerate(self.bat):
+            if entry & STATE_MASK != PAYLOAD_FULLY_PRESENT:
+                continue
+            offset = entry & OFFSET_MASK
+            block_length = min(bs, (total - i * bs) & _U64)
+            if offset > _INT64_MAX - bs:
+                messages.append(f"parablock: VHDX BAT entry {i} offset overflow.")
+                errors += 1
+            if offset >= file_size:
+                messages.append(f"parablock: VHDX BAT entry {i} start offset {offset} points after end of "
+                                f"file ({file_size}). {trunc}")
+                errors += 1
+            elif offset + block_length > file_size:
+                messages.append(f"parablock: VHDX BAT entry {i} end offset {offset + block_length - 1} points "
+                                f"after end of file ({file_size}). {trunc}")
+                errors += 1
+            if payblocks:
+                payblocks -= 1
+                end = (offset + bs) & _U64
+                for a, b in regions:
+                    if not (offset >= b or end <= a):
+                        messages.append(f"parablock: VHDX region {offset}-{end} overlaps with region "
+                                        f"{a}-{b or ''}")  # QEMU's "%." PRIu64 prints 0 as nothing
+                        errors += 1
+                        break
+            else:
+                payblocks = self.chunk_ratio
+        return errors, messages
 
     # --- geometry ------------------------------------------------------------------------------------------
     def size(self) -> int:
