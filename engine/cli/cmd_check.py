@@ -138,7 +138,7 @@ def _check_other(filename: str, fmt: str, fix: int):
     if not hasattr(cls, "check_image"):
         die("This image format does not support checks", 63)
     try:
-        node = open_image(filename, make_executor(), fmt=fmt, read_only=not fix, backing=False,
+        node = open_image(filename, make_executor(), fmt=fmt, read_only=not fix, backing=True,
                           options={"check": True})
     except BlockError as exc:
         die(f"Could not open '{filename}': {exc.message}")

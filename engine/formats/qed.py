@@ -1,8 +1,10 @@
 """The ``qed`` format (QEMU Enhanced Disk): read, write, create and backing files, as qemu-img 7.2 does.
 
-Layer: engine.  Imports engine.driver, engine.errors, engine.units and (for ``create``) the ``file``
-driver.  On disk, little-endian: a 64-byte header at offset 0 (magic ``QED\\0``, cluster_size 4 KiB to
-64 MiB and a power of two, table_size 1..16 clusters and a power of two, header_size in clusters,
+Layer: engine.  Imports engine.driver, engine.errors, engine.units, (for ``create``) the ``file``
+driver and (for ``check_image``) the ``CheckResult`` of engine.formats.qcow2_check.
+
+On disk, little-endian: a 64-byte header at offset 0 (magic ``QED\\0``, cluster_size 4 KiB to 64 MiB
+and a power of two, table_size 1..16 clusters and a power of two, header_size in clusters,
 features: bit0 backing file, bit1 need check (dirty), bit2 backing file is raw (no probing), then
 compat and autoclear features, l1_table_offset, image_size, and the backing file name's offset and
 size), the backing file name inside the header clusters, one L1 table and on-demand L2 tables, each
@@ -15,8 +17,23 @@ An allocating write writes the data cluster(s) whole (the untouched head and tai
 backing file, or zeros), then the L2 entries; a new L2 table is allocated after the data, written whole
 and flushed before the L1 entry that points at it.  Without a backing file the first allocating write
 sets need-check in the header and a clean close clears it; with one, data is flushed before its L2
-entries instead (QEMU's rule).  A writable open of an image with need-check set drops the table entries
-that point outside the file, then clears the flag; a read-only open just reads.
+entries instead (QEMU's rule).  A writable open of an image with need-check set runs the check below
+with repair (table entries that point outside the file become unallocated, the flag is cleared); a
+read-only open just reads.
+
+Check (``check_image``, QEMU's block/qed-check.c): walk the L1 table and every L2 table it points at,
+marking the clusters they use in a bitmap of the file's clusters.  An L1 entry that is not a valid table
+offset, or an L2 entry (other than 0 and 1) that is not a valid cluster offset, is a corruption; with any
+repair it is set to 0 instead (``-r leaks`` repairs it too: QEMU only asks "fix or not").  A cluster
+referenced twice is a corruption no repair touches (a table overlapping used clusters is not walked).
+Clusters between the header and the end of the file (rounded down to a cluster) that no table uses are
+leaks; QED has no way to free them, so they are never repaired.  The bitmap is indexed as QEMU 7.2
+indexes it (offset / (cluster_size - 1), see ``_check_index``), so the counts include QEMU's phantom
+leaks in files of more than cluster_size - 1 clusters, and its counts wrap as a C int does.  A repair
+that leaves no corruption clears need-check.  The writable open of a dirty image runs the same repair,
+unless the image is opened for a check (option ``check``, QEMU's BDRV_O_CHECK, as ``parablock check``
+opens it); a ``check_image`` on a node opened without it reuses the open-time repair's result as its
+first pass, while the metadata is unchanged.
 
 Invariants: table lookups validate every L2 table and data cluster offset they follow (aligned, past
 the header, inside the file), so a hostile image gives EINVAL rather than a read from anywhere; tables
@@ -25,15 +42,16 @@ are read and cached in slices of at most 64 KiB, so memory stays bounded whateve
 Deliberate differences from QEMU 7.2: QEMU's need-check timer (clearing the flag after 5 s idle) is not
 kept, the flag is cleared on close only; a partial write into a *zero* cluster of an image with a
 backing file fills the rest of the cluster with zeros (QEMU 7.2 copies the backing file's data there,
-so the guest sees old backing data reappear); the dirty-image repair does not look for overlapping
-clusters.  As qemu-img 7.2 does, ``info`` reports "dirty-flag": false even when need-check is set
-(``needs_check`` has the flag).  As in QEMU 7.2, images with table_size 1 are created but cannot be
-opened ("QED table offset is invalid": its table check rejects a table of one cluster).
+so the guest sees old backing data reappear).  As qemu-img 7.2 does, ``info`` reports "dirty-flag":
+false even when need-check is set (``needs_check`` has the flag).  As in QEMU 7.2, images with
+table_size 1 are created but cannot be opened ("QED table offset is invalid": its table check rejects a
+table of one cluster).
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import struct
 import sys
 from array import array
@@ -62,6 +80,7 @@ _SLICE_BYTES = 64 << 10  # tables are read and cached in slices of this size (or
 _CACHE_BYTES = 32 << 20  # bound of the slice cache
 _WRITE_CHUNK = 1 << 20  # a new table is written in pieces of this size
 _BIG_ENDIAN_HOST = sys.byteorder == "big"
+_FLAT_BITMAP_BYTES = 64 << 20  # the check's bitmap of used clusters is flat up to this size
 _SIZE_HELP = (
     "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
 )
@@ -173,6 +192,46 @@ def _size_option(opts: dict[str, Any], key: str, default: int) -> int:
         ) from None
 
 
+def _c_int(n: int) -> int:
+    """``n`` as a 32-bit C int holds it after wrapping around."""
+    return (n + (1 << 31)) % (1 << 32) - (1 << 31)
+
+
+class _ClusterBitmap:
+    """The bitmap indexes (see ``QedDriver._check_index``) the check found in use, below ``size``.
+
+    A flat bit array while it takes at most ``_FLAT_BITMAP_BYTES``; past that (a huge, probably sparse,
+    file) a set of the marked indexes, so memory follows the references the tables really hold instead
+    of the size the file claims."""
+
+    def __init__(self, size: int) -> None:
+        self._flat: bytearray | None = bytearray((size + 7) >> 3) if size <= _FLAT_BITMAP_BYTES * 8 else None
+        self._sparse: set[int] = set()
+        self._count = 0
+
+    def mark(self, first: int, n: int) -> int:
+        """Mark indexes ``first .. first+n-1``; returns how many of them were already marked."""
+        again = 0
+        flat = self._flat
+        for i in range(first, first + n):
+            if flat is not None:
+                bit = 1 << (i & 7)
+                if flat[i >> 3] & bit:
+                    again += 1
+                else:
+                    flat[i >> 3] |= bit
+            elif i in self._sparse:
+                again += 1
+            else:
+                self._sparse.add(i)
+        self._count += n - again
+        return again
+
+    def count(self) -> int:
+        """How many indexes are marked."""
+        return self._count
+
+
 @register
 class QedDriver(BlockDriver):
     format_name = "qed"
@@ -188,7 +247,8 @@ class QedDriver(BlockDriver):
     # open / close
     # ------------------------------------------------------------------------------------------------
     def open(self, options: dict[str, Any]) -> None:
-        """Parse and validate the header (QEMU's checks, in QEMU's order, with its messages).
+        """Parse and validate the header (QEMU's checks, in QEMU's order, with its messages).  A writable
+        open of a dirty image repairs it, unless ``options["check"]`` says it is opened for a check.
 
         Raises ImageOpenError for a bad or unsupported image.
         """
@@ -223,6 +283,7 @@ class QedDriver(BlockDriver):
         self._cache: OrderedDict[tuple[int, int], array] = OrderedDict()
         self._cache_max = max(16, _CACHE_BYTES // self.slice_bytes)
         self._backing_name: str | None = None
+        self._open_check: Any = None  # the open-time repair's CheckResult, until metadata changes
         if h.features & Feature.BACKING_FILE:
             if h.backing_filename_offset + h.backing_filename_size > self.header_bytes:
                 raise ImageOpenError("QED backing filename offset is invalid", errno=errno.EINVAL)
@@ -237,8 +298,8 @@ class QedDriver(BlockDriver):
                 h.autoclear_features &= KNOWN_AUTOCLEAR
                 self._write_header()
                 f.flush()
-            if h.features & Feature.NEED_CHECK:
-                self._repair()
+            if h.features & Feature.NEED_CHECK and not options.get("check"):
+                self._repair()  # not when opened for a check (QEMU's BDRV_O_CHECK): the check repairs
         self._open_done = True
 
     def close(self) -> None:
@@ -255,42 +316,143 @@ class QedDriver(BlockDriver):
 
     def _write_header(self) -> None:
         assert self.file is not None
+        self._open_check = None
         self.file.write(0, self.h.pack())
 
     def _repair(self) -> None:
-        """A writable open of an image left with need-check set (QEMU runs its check with fixes): table
-        entries that point outside the file or at unaligned offsets become unallocated, then the flag
-        is cleared."""
-        assert self.file is not None
-        l1 = self.h.l1_table_offset
-        seen: set[int] = set()  # a table shared by several L1 entries is checked once: work stays bounded
-        for l1i in self._nonzero_entries(l1):
-            l2 = self._entry(l1, l1i)
-            if not self._table_ok(l2):
-                self._store_entries(l1, l1i, 1, 0, 0)
-                continue
-            if l2 in seen:
-                continue
-            seen.add(l2)
-            for l2i in self._nonzero_entries(l2):
-                e = self._entry(l2, l2i)
-                if e != ZERO_CLUSTER and not self._cluster_ok(e):
-                    self._store_entries(l2, l2i, 1, 0, 0)
-        self.file.flush()
-        self.h.features &= ~Feature.NEED_CHECK
-        self._write_header()
-        self.file.flush()
+        """A writable open of an image left with need-check set runs QEMU's check with repair (table entries
+        that point outside the file or at unaligned offsets become unallocated; need-check is cleared if
+        no corruption is left).  Its result is kept for ``check_image``.  Raises ImageOpenError when the
+        check cannot read or write the tables (QEMU then fails the open)."""
+        result, err = self._check(True)
+        if err:
+            raise ImageOpenError(os.strerror(err), errno=err)
+        self._open_check = result
 
-    def _nonzero_entries(self, table: int) -> Iterator[int]:
-        """Indexes of the non-zero entries of a table, slice by slice (empty slices skipped quickly)."""
+    def check_image(self, fix: int):
+        """``parablock check`` (qemu-img check): returns a qcow2_check.CheckResult.
+
+        ``fix`` is a mask of qcow2_check.FIX_LEAKS / FIX_ERRORS; for QED any non-zero mask repairs invalid
+        table entries (leaks cannot be repaired).  When something was repaired the image is checked again
+        without repair and that result is returned with the repaired counts, as qemu-img does.  A check
+        that cannot read or write a table returns a result whose ``error`` is the strerror text."""
+        first = self._open_check if fix and self._open_check is not None else self._check(bool(fix))[0]
+        self._open_check = None
+        if first.error is not None or not (first.corruptions_fixed or first.leaks_fixed):
+            return first
+        second = self._check(False)[0]
+        second.corruptions_fixed = first.corruptions_fixed
+        second.leaks_fixed = first.leaks_fixed
+        return second
+
+    def _check(self, fix: bool) -> tuple[Any, int]:
+        """One pass of QEMU's qed_check; returns (CheckResult, errno of a failed table read or write, or 0).
+
+        The L1 table's clusters, then each valid L2 table's clusters and their data clusters are marked
+        in a bitmap, in table order; then the unmarked clusters past the header are counted as leaks
+        (only when every table could be read).  Allocated and fragmented clusters are counted over all
+        data entries, valid or not, as QEMU counts them.  With ``fix`` invalid entries are zeroed on disk
+        and, if no corruption is left, need-check is cleared.  Never raises for a hostile image: every
+        table offset is validated before it is read, and I/O errors become the returned errno."""
+        from engine.formats.qcow2_check import CheckResult
+
+        assert self.file is not None
+        res = CheckResult()
+        h, cs, cbits = self.h, self.cs, self.cbits
+        res.total_clusters = (h.image_size + cs - 1) >> cbits
+        used = _ClusterBitmap(self._check_index(self.file_end))
+        l1 = h.l1_table_offset
+        res.corruptions += used.mark(self._check_index(l1), h.table_size)
+        last_error = 0
+        bad_l1: list[int] = []
+        try:
+            for l1i, l2 in self._nonzero_entries(l1):
+                if not self._table_ok(l2):
+                    if fix:
+                        bad_l1.append(l1i)
+                        res.corruptions_fixed += 1
+                    else:
+                        res.corruptions += 1
+                    continue
+                dup = used.mark(self._check_index(l2), h.table_size)
+                if dup:
+                    res.corruptions += dup
+                    continue  # an L2 table overlapping used clusters is not walked
+                try:
+                    bad_l2 = self._check_l2(l2, used, res, fix)
+                    for l2i in bad_l2:
+                        self._store_entries(l2, l2i, 1, 0, 0)
+                except (BlockError, OSError) as exc:
+                    res.check_errors += 1
+                    last_error = exc.errno or errno.EIO
+            for l1i in bad_l1:
+                self._store_entries(l1, l1i, 1, 0, 0)
+        except (BlockError, OSError) as exc:  # the L1 table itself could not be read or written
+            res.check_errors += 1
+            last_error = exc.errno or errno.EIO
+        if last_error:
+            res.error = os.strerror(last_error)
+            return res, last_error
+        # BdrvCheckResult counts in a C int: a huge sparse file's leak count wraps as QEMU's does
+        res.leaks = _c_int(max(0, self._check_index(self.file_end) - h.header_size - used.count()))
+        res.corruptions = _c_int(res.corruptions)
+        res.corruptions_fixed = _c_int(res.corruptions_fixed)
+        if fix and not res.corruptions and not res.check_errors and h.features & Feature.NEED_CHECK:
+            self.file.flush()  # the repairs reach the disk before the flag is cleared
+            h.features &= ~Feature.NEED_CHECK
+            self._write_header()
+            self.file.flush()
+        return res, 0
+
+    def _check_index(self, offset: int) -> int:
+        """The bitmap index QEMU 7.2's check gives a file offset (qed_bytes_to_clusters): the offset rounded
+        up to a cluster, divided by ``cluster_size - 1``.  Not the cluster number: every ``cluster_size -
+        1`` clusters an index is skipped, and since the number of clusters in the file is computed the same
+        way, each skipped index below it counts as a leaked cluster (qemu-img reports one phantom leak
+        per 4095 clusters of a 4 KiB-cluster image); a table is marked at consecutive indexes from its
+        first one.  Kept so that the counts equal qemu-img's."""
+        cs = self.cs
+        return ((offset + cs - 1) & ~(cs - 1)) // (cs - 1)
+
+    def _check_l2(self, l2: int, used: _ClusterBitmap, res: Any, fix: bool) -> list[int]:
+        """Walk one L2 table for ``_check``: count allocated and fragmented data clusters, mark the valid
+        ones used (a second reference is a corruption) and return the indexes of invalid entries when
+        fixing (counted as fixed) or count them as corruptions."""
+        cs = self.cs
+        bad: list[int] = []
+        last = 0
+        allocated = fragmented = 0
+        for l2i, e in self._nonzero_entries(l2):
+            if e == ZERO_CLUSTER:
+                continue
+            allocated += 1
+            if last and last + cs != e:
+                fragmented += 1
+            last = e
+            if not self._cluster_ok(e):
+                if fix:
+                    bad.append(l2i)
+                    res.corruptions_fixed += 1
+                else:
+                    res.corruptions += 1
+                continue
+            res.corruptions += used.mark(self._check_index(e), 1)
+        res.allocated_clusters += allocated
+        res.fragmented_clusters += fragmented
+        return bad
+
+    def _nonzero_entries(self, table: int) -> Iterator[tuple[int, int]]:
+        """(index, value) of the non-zero entries of a table, slice by slice (empty slices skipped
+        quickly).  Raises BlockError (OSError below a blkdebug filter) when a slice cannot be read."""
         empty = bytes(self.slice_bytes)
         for si in range(self.table_bytes // self.slice_bytes):
             sl = self._slice(table, si)
             if sl.tobytes() == empty:
                 continue
+            base = si * self.per_slice
             for j, e in enumerate(sl):
                 if e:
-                    yield si * self.per_slice + j
+                    yield base + j, e
 
     # ------------------------------------------------------------------------------------------------
     # basic properties
@@ -343,6 +505,8 @@ class QedDriver(BlockDriver):
             self._cache.move_to_end(key)
             return sl
         assert self.file is not None
+        if table != self.h.l1_table_offset:
+            self.file.debug_event("l2_load")  # QEMU's BLKDBG_L2_LOAD, on an L2 table cache miss
         raw = self.file.read(table + si * self.slice_bytes, self.slice_bytes)
         sl = _unpack_table(bytes(raw).ljust(self.slice_bytes, b"\0"))
         self._cache[key] = sl
@@ -403,6 +567,7 @@ class QedDriver(BlockDriver):
     def _store_entries(self, table: int, index: int, count: int, value: int, step: int) -> None:
         """Set ``count`` entries from ``index`` to value, value+step, ...; write the sectors holding them."""
         assert self.file is not None
+        self._open_check = None
         ps = self.per_slice
         i, end = index, index + count
         while i < end:
@@ -434,6 +599,7 @@ class QedDriver(BlockDriver):
             self.file.write(table + cpos, _pack_table(buf))
 
     def _alloc_clusters(self, n: int) -> int:
+        self._open_check = None
         offset = self.file_end
         self.file_end += n * self.cs
         return offset

@@ -70,3 +70,14 @@ def test_vmdk_check_like_qemu_img(tmp_path, capsys):
     _out, err = capsys.readouterr()
     assert rc == want.returncode == 1
     assert err.replace("parablock:", "qemu-img:") == want.stderr
+
+
+def test_check_of_an_image_whose_backing_file_is_missing(tmp_path, capsys):
+    qemu_img("create", "-q", "-f", "qed", str(tmp_path / "b.qed"), "8M")
+    qemu_img("create", "-q", "-f", "qed", "-b", "b.qed", "-F", "qed", str(tmp_path / "t.qed"))
+    (tmp_path / "b.qed").unlink()
+    want = run(["qemu-img", "check", str(tmp_path / "t.qed")], check=False)
+    rc = main(["check", str(tmp_path / "t.qed")])
+    _out, err = capsys.readouterr()
+    assert rc == want.returncode == 1
+    assert err.replace("parablock:", "qemu-img:") == want.stderr
