@@ -142,6 +142,18 @@ class BlockDriver:
         return False
 
 
+def leftover_create_options(opts: dict[str, Any], size: int | None) -> None:
+    """The end of a driver's ``create`` option parsing, with qemu-img's errors: ``opts`` holds what the
+    driver did not take (``cache`` is the command's, not the format's), and a size is required."""
+    from engine.errors import InvalidArgument
+
+    opts.pop("cache", None)
+    if opts:
+        raise InvalidArgument(f"Invalid parameter '{next(iter(opts))}'")
+    if size is None:
+        raise InvalidArgument("Image creation needs a size parameter")
+
+
 def read_mapped(file: BlockDriver, host_of: Any, offset: int, length: int) -> bytes:
     """Read [offset, offset+length) of a format whose blocks map to host offsets: ``host_of(pos)`` gives
     (host offset, or None for a block that reads as zeros, and the bytes left in that block)."""

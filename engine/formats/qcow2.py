@@ -32,7 +32,7 @@ from dataclasses import replace
 from typing import Any
 
 from engine.bitmap import DirtyBitmap
-from engine.driver import BlockDriver, Extent, Status, register
+from engine.driver import BlockDriver, Extent, Status, leftover_create_options, register
 from engine.errors import (BlockError, CorruptImage, ImageOpenError, InvalidArgument, NotSupported,
                            OutOfBounds)
 from engine.formats import qcow2_bitmaps as QB
@@ -1849,11 +1849,7 @@ class Qcow2Driver(BlockDriver):
             raise NotSupported(f"Unsupported preallocation mode '{prealloc}' (parablock supports off, metadata)")
         backing = opts.pop("backing_file", None)
         backing_fmt = opts.pop("backing_fmt", None)
-        opts.pop("cache", None)
-        if opts:
-            raise InvalidArgument(f"Invalid parameter '{next(iter(opts))}'")
-        if size is None:
-            raise InvalidArgument("Image creation needs a size parameter")
+        leftover_create_options(opts, size)
         size = round_up(size, 512)
         if size > (1 << 62):
             raise InvalidArgument("Image size is too big")

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Any
 
-from engine.driver import BlockDriver, Extent, Status, register
+from engine.driver import BlockDriver, Extent, Status, leftover_create_options, register
 from engine.errors import BlockError, ImageOpenError, InvalidArgument, NotSupported, OutOfBounds
 from engine.units import parse_size, round_up
 
@@ -783,11 +783,7 @@ class QedDriver(BlockDriver):
         ts = _size_option(opts, "table_size", DEFAULT_TABLE_SIZE)
         backing = opts.pop("backing_file", None)
         backing_fmt = opts.pop("backing_fmt", None)
-        opts.pop("cache", None)
-        if opts:
-            raise InvalidArgument(f"Invalid parameter '{next(iter(opts))}'")
-        if size is None:
-            raise InvalidArgument("Image creation needs a size parameter")
+        leftover_create_options(opts, size)
         if not cluster_size_valid(cs):
             raise InvalidArgument(
                 f"QED cluster size must be within range [{MIN_CLUSTER_SIZE}, "

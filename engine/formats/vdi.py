@@ -30,7 +30,7 @@ import struct
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from engine.driver import BlockDriver, Extent, Status, read_mapped, register
+from engine.driver import BlockDriver, Extent, Status, leftover_create_options, read_mapped, register
 from engine.errors import CorruptImage, ImageOpenError, InvalidArgument, NotSupported, OutOfBounds
 from engine.units import round_up
 
@@ -93,11 +93,7 @@ class VdiDriver(BlockDriver):
         opts = dict(options)
         static = bool(opts.pop("static", False))
         check_protocol_prealloc(opts.pop("preallocation", "off"))
-        opts.pop("cache", None)
-        if opts:
-            raise InvalidArgument(f"Invalid parameter '{next(iter(opts))}'")
-        if size is None:
-            raise InvalidArgument("Image creation needs a size parameter")
+        leftover_create_options(opts, size)
         size = round_up(size, 512)
         if size > DISK_SIZE_MAX:
             raise NotSupported(f"Unsupported VDI image size (size is {size:#x}, max supported is "

@@ -37,7 +37,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from engine.driver import BlockDriver, Extent, Status, read_mapped, register
+from engine.driver import BlockDriver, Extent, Status, leftover_create_options, read_mapped, register
 from engine.errors import CorruptImage, ImageOpenError, InvalidArgument, OutOfBounds
 from engine.formats.vdi import check_protocol_prealloc
 from engine.units import round_up
@@ -170,11 +170,7 @@ class VpcDriver(BlockDriver):
             raise InvalidArgument(f"Parameter 'subformat' does not accept value '{subformat}'")
         force_size = bool(opts.pop("force_size", False))
         check_protocol_prealloc(opts.pop("preallocation", "off"))
-        opts.pop("cache", None)
-        if opts:
-            raise InvalidArgument(f"Invalid parameter '{next(iter(opts))}'")
-        if size is None:
-            raise InvalidArgument("Image creation needs a size parameter")
+        leftover_create_options(opts, size)
         size = round_up(size, 512)
         if size // 512 > MAX_SECTORS:
             raise InvalidArgument("The image size is too large for file format 'vpc'")
