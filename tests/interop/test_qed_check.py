@@ -24,6 +24,7 @@ import pytest
 from engine.cli.main import main
 from engine.formats.qcow2_check import FIX_ERRORS, FIX_LEAKS
 from tests.util import needs_qemu, open_node, qemu_check, qemu_img, qemu_io, run
+from tests.interop.test_qed import _dirty_image
 
 pytestmark = needs_qemu
 NEED_CHECK = 2
@@ -72,25 +73,9 @@ def base_dir(tmp_path_factory) -> str:
 
 def _aborted_bytes(tmp: str) -> bytes:
     """An image left dirty for real: qemu-io aborts after allocating writes, need-check stays set."""
-    img = Path(tmp) / "aborted.qed"
+    img = Path(tmp) / "dirty.qed"
     if not img.exists():
-        qemu_img("create", "-q", "-f", "qed", str(img), "8M")
-        p = run(
-            [
-                "qemu-io",
-                "-f",
-                "qed",
-                "-c",
-                "write -P 0x5a 0 200k",
-                "-c",
-                "write -P 0x6b 5M 64k",
-                "-c",
-                "abort",
-                str(img),
-            ],
-            check=False,
-        )
-        assert p.returncode != 0
+        _dirty_image(Path(tmp))
     data = img.read_bytes()
     assert _features(data) & NEED_CHECK
     return data
