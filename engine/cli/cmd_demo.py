@@ -1,5 +1,6 @@
 """``parablock demo`` — the README's first command: build a small qcow2 backing chain on the embedded
-default and show ``info --backing-chain``, ``map`` and ``check`` on it.
+default and show ``info --backing-chain``, ``map`` and ``check`` on it; then make a small "estate" of
+vmdk, VHD, VDI, VHDX and QED disks and convert the whole directory to qcow2 with ``batch --verify``.
 
 Everything here goes through the same code paths as the individual commands.
 """
@@ -42,6 +43,25 @@ def build_chain(directory: str, size: int = 16 * MiB) -> str:
     return top
 
 
+ESTATE = [("web.vmdk", "vmdk", {}), ("db.vhd", "vpc", {}), ("vbox.vdi", "vdi", {}),
+          ("hyperv.vhdx", "vhdx", {}), ("legacy.qed", "qed", {})]
+
+
+def build_estate(directory: str, size: int = 8 * MiB) -> str:
+    """A directory of disks in the formats people migrate from, each with a few patterned writes."""
+    ex = make_executor()
+    estate = os.path.join(directory, "estate")
+    os.makedirs(estate, exist_ok=True)
+    for i, (name, fmt, opts) in enumerate(ESTATE):
+        path = os.path.join(estate, name)
+        create_image(path, fmt, size, ex, dict(opts))
+        node = open_image(path, ex, fmt=fmt, read_only=False)
+        node.write(i * MiB, bytes([0x40 + i]) * MiB)
+        node.write(size - 64 * 1024, os.urandom(64 * 1024))
+        node.close()
+    return estate
+
+
 @cli.command("demo")
 @click.argument("directory", required=False)
 def demo_cmd(directory):
@@ -62,6 +82,21 @@ def demo_cmd(directory):
             if rc:
                 raise click.ClickException(f"'{title}' failed with exit code {rc}")
             click.echo("")
+        estate = build_estate(directory)
+        out = os.path.join(directory, "kvm")
+        report = os.path.join(directory, "report.json")
+        click.echo(f"=== parablock batch {os.path.basename(estate)}/ --target-dir kvm/ --verify -p ===")
+        rc = main(["batch", estate, "--target-dir", out, "--verify", "-p", "--report", report])
+        if rc:
+            raise click.ClickException(f"'batch' failed with exit code {rc}")
+        import json
+
+        with open(report) as f:
+            rep = json.load(f)
+        for item in rep["items"]:
+            click.echo(f"{item['name']:12} -> {os.path.basename(item['target']):12} {item['status']:8} "
+                       f"{item['digest']}")
+        click.echo("")
     finally:
         if tmp is not None:
             tmp.cleanup()
