@@ -130,7 +130,7 @@ def main() -> None:
     if not shutil.which("qemu-img"):
         raise SystemExit("qemu-img is needed for the side-by-side runs (apt-get install qemu-utils)")
     size = parse_size(args.size)
-    d = Path(args.dir)
+    d = Path(args.dir) / args.size  # images of each size apart: a stale smaller image would skew the case
     imgs = make_images(d, size)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # a user has .pyc files
     env["PYTHONPATH"] = str(ROOT)
@@ -154,6 +154,7 @@ def main() -> None:
             for tool in ("parablock", "qemu-img"):
                 if out.exists():
                     out.unlink()
+                os.sync()  # clean slate: no run pays for the previous one's writeback (perf-anchors §3.1)
                 cmd = (par if tool == "parablock" else ["qemu-img", "convert"]) + \
                     ["-f", sfmt, "-O", ofmt, *extra, str(src), str(out)]
                 wall, rss = run_measured(cmd, env)
@@ -192,6 +193,7 @@ def main() -> None:
                 work.mkdir()
                 for name in ("base.qcow2", "mid.qcow2", "top.qcow2"):
                     subprocess.run(["cp", "--sparse=always", str(d / name), str(work / name)], check=True)
+                os.sync()
                 cmd = (eng if tool == "parablock" else ["qemu-img"]) + \
                     ["commit", "-q", "-b", str(work / "base.qcow2"), str(work / "top.qcow2")]
                 wall, pss = run_measured(cmd, env)
@@ -217,6 +219,7 @@ def main() -> None:
             for n in (1, 2):
                 if out.exists():
                     out.unlink()
+                os.sync()
                 wall, _ = run_measured([sys.executable, "-m", "engine", "convert", "--workers", str(n), "-c",
                                         "-f", "raw", "-O", "qcow2", str(src), str(out)], env)
                 walls[n].append(wall)

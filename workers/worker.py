@@ -8,6 +8,7 @@ process's own fds; data travels through slots, small results inline.  Errors go 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 from ipc import wire
@@ -113,6 +114,9 @@ class Worker:
         self.handles: dict[int, int] = {}  # coordinator handle -> local handle
         self.open_errors: dict[int, OSError] = {}  # handle -> why this worker could not open it
         self.malloc_tuned = False
+        #: one writer at a time: buffered writes to a file serialise on its inode lock anyway, and a
+        #: second writer thread would spin on it (rwsem_spin_on_owner) instead of reading meanwhile
+        self.write_lock = threading.Lock()
 
     def h(self, handle: int) -> int:
         try:
@@ -150,6 +154,7 @@ class Worker:
         base = slot * self.slots.slot_size
         zeros = [[p[4], p[3]] for p in pieces if p[0] == "zero"]
         all_runs: list = []
+        writes: list = []  # (local handle, host offset, slot range): written together under the lock
         for h, host, s_off, n, unit in plan:
             if gran:
                 # detection blocks stay aligned to the window (the image), whatever the plan range
@@ -163,8 +168,7 @@ class Worker:
             all_runs.extend(runs)
             fd_h = self.h(h)
             if unit == 0:
-                for r, m in runs:
-                    self.ex.pwrite(fd_h, host + r - s_off, view[r:r + m])
+                writes.extend((fd_h, host + r - s_off, view[r:r + m]) for r, m in runs)
                 continue
             units = touched_units(runs, s_off, s_off + n, unit)
             k = 0
@@ -174,8 +178,11 @@ class Worker:
                     j += 1
                 lo = s_off + units[k] * unit
                 hi = min(s_off + (units[j] + 1) * unit, s_off + n)
-                self.ex.pwrite(fd_h, host + lo - s_off, view[lo:hi])
+                writes.append((fd_h, host + lo - s_off, view[lo:hi]))
                 k = j + 1
+        with self.write_lock:
+            for fd_h, off, data in writes:
+                self.ex.pwrite(fd_h, off, data)
         all_runs.sort()
         return all_runs
 
@@ -244,8 +251,9 @@ class Worker:
         if op == "scatter":
             slot, writes = a
             view = self.slots.slot(slot)
-            for h, off, s_off, n in writes:
-                ex.pwrite(self.h(h), off, view[s_off:s_off + n])
+            with self.write_lock:
+                for h, off, s_off, n in writes:
+                    ex.pwrite(self.h(h), off, view[s_off:s_off + n])
             return None
         if op == "write_zeroes":
             h, off, length, unmap = a
@@ -339,6 +347,20 @@ def _die_with_parent() -> None:
         pass
 
 
+#: ops that may run concurrently on the worker's threads: they touch only their own slot and write
+#: through ``Worker.write_lock``; every other op waits for them to finish and runs alone, in order
+THREADED_OPS = frozenset({"copy", "gather", "scatter"})
+#: threads per worker for THREADED_OPS: with two, one window's reads and zero scan run while another
+#: window's writes do, as qemu-img's thread pool overlaps them
+WORKER_THREADS = 2
+
+
+def _threaded(op: str, args: list) -> bool:
+    """Whether a request may run on a worker thread.  A compressing gather is CPU work that holds the
+    GIL for part of each cluster: it stays on the loop, and compression scales with worker processes."""
+    return op in THREADED_OPS and not (op == "gather" and args[4] is not None)
+
+
 def worker_main(conn, owner_pid: int, fd: int, nslots: int, slot_size: int) -> None:
     """Entry point of a spawned worker process."""
     _die_with_parent()
@@ -348,6 +370,38 @@ def worker_main(conn, owner_pid: int, fd: int, nslots: int, slot_size: int) -> N
         conn.close()
         os._exit(1)
     w = Worker(slots)
+    send_lock = threading.Lock()
+    idle = threading.Condition()
+    busy = [0]  # THREADED_OPS running or queued
+
+    def reply(msg: list) -> None:
+        with send_lock:
+            conn.send_bytes(wire.encode(msg))
+
+    def execute(rid: int, op: str, args: list) -> list:
+        try:
+            return [rid, True, w.run(op, args)]
+        except Exception as exc:  # every failure goes back as a record
+            return [rid, False, wire.error_record(exc)]
+
+    def threaded(rid: int, op: str, args: list) -> None:
+        try:
+            msg = execute(rid, op, args)
+            try:
+                reply(msg)
+            except (OSError, ValueError):  # the pipe closed: the coordinator is gone
+                pass
+        finally:
+            with idle:
+                busy[0] -= 1
+                idle.notify_all()
+
+    def drain() -> None:
+        with idle:
+            while busy[0]:
+                idle.wait()
+
+    pool = None
     conn.send_bytes(wire.encode(["hello", wire.PROTOCOL_VERSION, os.getpid()]))
     try:
         while True:
@@ -356,15 +410,23 @@ def worker_main(conn, owner_pid: int, fd: int, nslots: int, slot_size: int) -> N
             except (EOFError, OSError):
                 return
             rid, op, args = wire.decode(frame)
+            if WORKER_THREADS > 1 and _threaded(op, args):
+                if pool is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    pool = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="parablock-io")
+                with idle:
+                    busy[0] += 1
+                pool.submit(threaded, rid, op, args)
+                continue
+            drain()
             if op == "exit":
-                conn.send_bytes(wire.encode([rid, True, None]))
+                reply([rid, True, None])
                 return
-            try:
-                reply = [rid, True, w.run(op, args)]
-            except Exception as exc:  # every failure goes back as a record
-                reply = [rid, False, wire.error_record(exc)]
-            conn.send_bytes(wire.encode(reply))
+            reply(execute(rid, op, args))
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
         w.ex.close_all()
         slots.close()
         conn.close()

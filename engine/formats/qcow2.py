@@ -857,8 +857,46 @@ class Qcow2Driver(BlockDriver):
         self._alloc_end = max(self._alloc_end, start + nb + tc)
         self._pending_free.append((old_off, old_clusters * cs))
 
+    def _rc_run_is_zero(self, ci: int, n: int) -> bool:
+        """Whether clusters [ci, ci+n) all have refcount 0, compared a refblock slice at a time (byte-wide
+        refcounts only; False means "don't know" for narrower ones)."""
+        if self.rorder < 3:
+            return False
+        width = 1 << (self.rorder - 3)
+        end = ci + n
+        while ci < end:
+            b = ci // self.epb
+            m = min(end, (b + 1) * self.epb) - ci
+            if b < len(self.rt) and self.rt[b]:
+                i = ci % self.epb
+                if self._refblock(self.rt[b])[i * width:(i + m) * width].count(0) != m * width:
+                    return False
+            ci += m
+        return True
+
+    def _incref_free_run(self, ci: int, n: int) -> None:
+        """Refcount 0 -> 1 for clusters [ci, ci+n) whose refblocks exist (``_change_rc(c, 1)`` for each,
+        one slice assignment per refblock where refcounts are byte-wide)."""
+        if self.rorder < 3:
+            for c in range(ci, ci + n):
+                self._change_rc(c, 1)
+            return
+        width = 1 << (self.rorder - 3)
+        one = (1).to_bytes(width, "big")
+        end = ci + n
+        while ci < end:
+            b = ci // self.epb
+            m = min(end, (b + 1) * self.epb) - ci
+            off = self.rt[b]
+            i = ci % self.epb
+            self._refblock(off)[i * width:(i + m) * width] = one * m
+            self.rb_dirty.add(off)
+            ci += m
+
     def _find_free_run(self, n: int) -> int:
         ci = self.free_hint
+        if self._rc_run_is_zero(ci, n):  # the common case: everything past the hint is free
+            return ci
         run_start = ci
         run = 0
         first_free = -1
@@ -892,8 +930,11 @@ class Qcow2Driver(BlockDriver):
                 continue
             for b in missing:
                 self._ensure_refblock(b)
-        for ci in range(s, s + n):
-            self._change_rc(ci, 1)
+        if self._rc_run_is_zero(s, n):
+            self._incref_free_run(s, n)
+        else:
+            for ci in range(s, s + n):
+                self._change_rc(ci, 1)
         if s == self.free_hint:
             self.free_hint = s + n
         self._alloc_end = max(self._alloc_end, s + n)
@@ -1905,10 +1946,17 @@ class Qcow2Driver(BlockDriver):
     # ------------------------------------------------------------------------------------------------
     def is_unallocated_run(self, vc: int, count: int) -> bool:
         """Whether guest clusters [vc, vc+count) have no host cluster and no zero flag of their own."""
-        for i in range(count):
-            entry, bitmap = self._lookup(vc + i)
-            if entry or bitmap:
-                return False
+        esz = 16 if self.ext_l2 else 8
+        end = vc + count
+        while vc < end:  # one slice comparison per L2 table: no entry and no bitmap bit means all zero
+            l1i = vc // self.l2_entries
+            n = min(end, (l1i + 1) * self.l2_entries) - vc
+            l2_off = self.l1[l1i] & L.L1E_OFFSET_MASK if l1i < len(self.l1) else 0
+            if l2_off:
+                i = vc % self.l2_entries
+                if self._l2_table(l2_off)[i * esz:(i + n) * esz].count(0) != n * esz:
+                    return False
+            vc += n
         return True
 
     def host_run(self, vc: int, count: int) -> int | None:
@@ -1973,11 +2021,18 @@ class Qcow2Driver(BlockDriver):
         extended L2, ``bitmaps`` (one per cluster) may name the subclusters that got data (default all)."""
         bitmap = L.BITMAP_ALL_ALLOC if self.ext_l2 else 0
         self._note_write(vc * self.cs, count * self.cs)
-        for i in range(count):
+        i = 0
+        while i < count:  # one table lookup and one pack per L2 table
             table, idx = self._l2_for_write(vc + i)
-            b = bitmaps[i] if bitmaps is not None and self.ext_l2 else bitmap
-            self._set_entry(table, idx, (host + i * self.cs) | L.OFLAG_COPIED, b)
+            m = min(count - i, self.l2_entries - idx)
+            entries = [(host + (i + k) * self.cs) | L.OFLAG_COPIED for k in range(m)]
+            if self.ext_l2:
+                bms = bitmaps[i:i + m] if bitmaps is not None else [bitmap] * m
+                struct.pack_into(f">{2 * m}Q", table, idx * 16, *[x for pair in zip(entries, bms) for x in pair])
+            else:
+                struct.pack_into(f">{m}Q", table, idx * 8, *entries)
             self.l2_dirty.add(self._table_off(vc + i))
+            i += m
         self._maybe_evict()
 
     def alloc_compressed(self, clen: int) -> int:

@@ -177,3 +177,28 @@ def test_bounded_inflight_and_slots(pool, tmp_path):
         pool.slots.lease(timeout=0.1)
     for s in slots:
         pool.slots.release(s)
+
+
+def test_ordered_requests_wait_for_threaded_ones(tmp_path):
+    """A worker runs copy/scatter/gather requests on two threads, and every other request waits for
+    them: a pread sent right behind a scatter of the same range, without waiting for it, reads the
+    scattered bytes."""
+    path = tmp_path / "disk.raw"
+    path.write_bytes(bytes(4 << 20))
+    p = WorkerPool(1, max_inflight=4)
+    ex = PoolExecutor(p)
+    h = ex.open(str(path), writable=True)
+    try:
+        p.call("pid")  # the worker is up: nothing runs inline from here on
+        for rnd in range(20):
+            data = random.Random(rnd).randbytes(1 << 20)
+            slot = p.slots.lease()
+            p.slots.slot(slot)[:len(data)] = data
+            scatter = p.submit("scatter", [slot, [[h, rnd * 4096, 0, len(data)]]])
+            read = p.submit("pread", [h, rnd * 4096, len(data), None])  # not waiting for the scatter
+            assert read.result(30) == data
+            assert scatter.done()  # the pread ran only after it
+            p.slots.release(slot)
+    finally:
+        ex.close(h)
+        p.close()
