@@ -1,8 +1,9 @@
 """parablock convert vs qemu-img convert, side by side in the same run.
 
 Builds the images of ../shared/reference/perf-anchors.md (a virtual disk, half allocated: alternating
-1 MiB of random data and a 1 MiB hole), then runs each case as A/B pairs (parablock, qemu-img, alternating,
-previous output removed before each run) and prints the medians, the median of the per-pair ratios
+1 MiB of random data and a 1 MiB hole), then runs each case as A/B pairs (parablock, qemu-img, alternating;
+before each run the previous output is removed, the file system synced and --prefault GiB of memory
+touched, see ``prefault``) and prints the medians, the median of the per-pair ratios
 parablock/qemu-img, MiB/s and the peak RSS summed over each tool's whole process tree.  Results also go to
 bench/results/convert.json.
 
@@ -62,6 +63,20 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     if p.returncode != 0:
         raise SystemExit(f"{cmd} failed: {p.stderr.read().decode() if p.stderr else ''}")
     return wall, peak
+
+
+def prefault(gib: float) -> None:
+    """Touch ``gib`` GiB of anonymous memory and free it again (perf-anchors.md, series S2).  This VM hands
+    freed pages back to its host (virtio-balloon free page reporting) and the next first touch of such a
+    page costs a host fault: a run that writes GiBs of new page cache then takes 2-4x longer, depending
+    on what ran before it.  Prefaulting before every run gives each tool the same start."""
+    if gib <= 0:
+        return
+    import mmap
+
+    populate = getattr(mmap, "MAP_POPULATE", 0x8000)
+    m = mmap.mmap(-1, int(gib * (1 << 30)), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    m.close()
 
 
 def default_workers(compress: bool) -> int:
@@ -126,10 +141,13 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/parablock-bench")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--cases", default=",".join([*CASES, "commit"]))
+    ap.add_argument("--prefault", type=float, default=None,
+                    help="GiB of memory to touch and free before every run (default: the image size, 0 = off)")
     args = ap.parse_args()
     if not shutil.which("qemu-img"):
         raise SystemExit("qemu-img is needed for the side-by-side runs (apt-get install qemu-utils)")
     size = parse_size(args.size)
+    warm = args.prefault if args.prefault is not None else size / (1 << 30)
     d = Path(args.dir) / args.size  # images of each size apart: a stale smaller image would skew the case
     imgs = make_images(d, size)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # a user has .pyc files
@@ -155,6 +173,7 @@ def main() -> None:
                 if out.exists():
                     out.unlink()
                 os.sync()  # clean slate: no run pays for the previous one's writeback (perf-anchors §3.1)
+                prefault(warm)
                 cmd = (par if tool == "parablock" else ["qemu-img", "convert"]) + \
                     ["-f", sfmt, "-O", ofmt, *extra, str(src), str(out)]
                 wall, rss = run_measured(cmd, env)
@@ -169,11 +188,12 @@ def main() -> None:
                "workers": args.workers or default_workers("-c" in extra)}
         for tool, vals in rows.items():
             walls = [w for w, _ in vals]
-            res[tool] = {"median_s": statistics.median(walls), "min_s": min(walls),
+            res[tool] = {"median_s": statistics.median(walls), "min_s": min(walls), "walls": walls,
                          "MiB_per_s": vsize / MiB / statistics.median(walls),
                          "peak_pss_MiB": max(r for _, r in vals) / MiB}
         res["ratio_median"] = statistics.median(ratios)
         res["ratio_min"] = min(ratios)
+        res["ratios"] = ratios
         res["output_size_ratio"] = psize / qsize
         results.append(res)
         print(f"{name:22s} parablock {res['parablock']['median_s']:.3f}s ({res['parablock']['MiB_per_s']:.0f} MiB/s,"
@@ -194,6 +214,7 @@ def main() -> None:
                 for name in ("base.qcow2", "mid.qcow2", "top.qcow2"):
                     subprocess.run(["cp", "--sparse=always", str(d / name), str(work / name)], check=True)
                 os.sync()
+                prefault(warm)
                 cmd = (eng if tool == "parablock" else ["qemu-img"]) + \
                     ["commit", "-q", "-b", str(work / "base.qcow2"), str(work / "top.qcow2")]
                 wall, pss = run_measured(cmd, env)
@@ -220,6 +241,7 @@ def main() -> None:
                 if out.exists():
                     out.unlink()
                 os.sync()
+                prefault(warm)
                 wall, _ = run_measured([sys.executable, "-m", "engine", "convert", "--workers", str(n), "-c",
                                         "-f", "raw", "-O", "qcow2", str(src), str(out)], env)
                 walls[n].append(wall)

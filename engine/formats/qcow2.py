@@ -25,6 +25,7 @@ clusters, makes them and their refcounts durable, switches the header, and only 
 from __future__ import annotations
 
 import errno
+import re
 import struct
 import time
 from collections import OrderedDict
@@ -39,6 +40,8 @@ from engine.formats import qcow2_bitmaps as QB
 from engine.formats import qcow2_layout as L
 from engine.formats.qcow2_layout import SubclusterType as T
 from engine.units import round_up
+
+_NONZERO = re.compile(rb"[^\x00]")
 
 _MAX_BITMAP_MEMORY = 2 << 30  # all bitmaps of one node together (QEMU caps one at 512 MiB, not their sum)
 _CACHE_BYTES = 32 << 20  # per cache (L2 tables, refcount blocks); bounded in bytes, whatever the cluster size
@@ -897,6 +900,8 @@ class Qcow2Driver(BlockDriver):
         ci = self.free_hint
         if self._rc_run_is_zero(ci, n):  # the common case: everything past the hint is free
             return ci
+        if self.rorder >= 3:
+            return self._find_free_run_bytes(n)
         run_start = ci
         run = 0
         first_free = -1
@@ -910,6 +915,59 @@ class Qcow2Driver(BlockDriver):
             else:
                 run = 0
             ci += 1
+        # every cluster below the first free one is in use: later scans start there (not quadratic)
+        self.free_hint = first_free
+        return run_start
+
+    def _find_free_run_bytes(self, n: int) -> int:
+        """``_find_free_run`` for byte-wide refcounts: each refblock is searched with C-level ``find`` for
+        its zero entries and first non-zero byte, instead of one Python call per cluster (a commit into
+        a base with a free cluster early on rescans every allocated cluster behind it for each run)."""
+        epb = self.epb
+        width = 1 << (self.rorder - 3)
+        zero = bytes(width)
+        ci = self.free_hint
+        first_free = -1
+        run_start = -1  # start of the free run being measured (it may continue across refblocks)
+        while True:
+            b = ci // epb
+            block_end = (b + 1) * epb
+            if b >= len(self.rt) or not self.rt[b]:  # no refblock: every cluster it would cover is free
+                if run_start < 0:
+                    run_start = ci
+                if first_free < 0:
+                    first_free = ci
+                if block_end - run_start >= n:
+                    break
+                ci = block_end
+                continue
+            blk = self._refblock(self.rt[b])
+            i = ci - b * epb
+            found = False
+            while i < epb:
+                if run_start < 0:  # the next free entry
+                    pos = blk.find(zero, i * width)
+                    while pos >= 0 and pos % width:  # zero bytes straddling two entries
+                        pos = blk.find(zero, pos + width - pos % width)
+                    if pos < 0:
+                        break
+                    i = pos // width
+                    run_start = b * epb + i
+                    if first_free < 0:
+                        first_free = run_start
+                # the run goes on up to the next entry with a non-zero byte
+                m = _NONZERO.search(blk, i * width)
+                j = epb if m is None else m.start() // width
+                if b * epb + j - run_start >= n:
+                    found = True
+                    break
+                if m is None:  # free up to the block's end: the run continues in the next one
+                    break
+                run_start = -1
+                i = j + 1
+            if found:
+                break
+            ci = block_end
         # every cluster below the first free one is in use: later scans start there (not quadratic)
         self.free_hint = first_free
         return run_start
