@@ -179,8 +179,10 @@ def register(cls: type[BlockDriver]) -> type[BlockDriver]:
 
 
 def driver_class(name: str) -> type[BlockDriver]:
-    import engine.formats  # noqa: F401  (registers the drivers)
+    if name not in _REGISTRY:
+        from engine.formats import load
 
+        load(name)
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -188,17 +190,20 @@ def driver_class(name: str) -> type[BlockDriver]:
 
 
 def format_names() -> list[str]:
-    import engine.formats  # noqa: F401
+    from engine.formats import load_all
+
+    load_all()
 
     return sorted(n for n, c in _REGISTRY.items() if not c.is_protocol)
 
 
 def probe_format(head: bytes, filename: str) -> str:
     """Pick the format whose probe scores highest; raw (score 1) when nothing else claims the file."""
-    import engine.formats  # noqa: F401
+    from engine.formats import load_all
 
+    load_all()
     best, best_score = "raw", 0
-    for name, cls in _REGISTRY.items():
+    for name, cls in sorted(_REGISTRY.items()):  # a fixed order, whatever was loaded first
         if cls.is_protocol:
             continue
         score = cls.probe(head, filename)

@@ -955,16 +955,15 @@ class Qcow2Driver(BlockDriver):
                     run_start = b * epb + i
                     if first_free < 0:
                         first_free = run_start
-                # the run goes on up to the next entry with a non-zero byte
-                m = _NONZERO.search(blk, i * width)
-                j = epb if m is None else m.start() // width
-                if b * epb + j - run_start >= n:
-                    found = True
-                    break
-                if m is None:  # free up to the block's end: the run continues in the next one
+                # is the rest of the run free?  Only as far as it needs to go is searched
+                need = n - (b * epb + i - run_start)
+                lim = min(epb, i + need)
+                m = _NONZERO.search(blk, i * width, lim * width)
+                if m is None:
+                    found = i + need <= epb  # else free up to the block's end: it goes on in the next one
                     break
                 run_start = -1
-                i = j + 1
+                i = m.start() // width + 1
             if found:
                 break
             ci = block_end

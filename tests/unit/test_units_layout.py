@@ -103,3 +103,20 @@ def test_parse_header_never_crashes_on_garbage(buf):
         L.parse_header(head)
     except ImageOpenError:
         pass
+
+
+def test_every_registered_format_is_loadable_by_name():
+    """engine.formats imports driver modules on demand: every module that registers a format must be
+    listed in DRIVER_MODULES under that format's name, or ``-f NAME`` would not find it."""
+    import re
+    from pathlib import Path
+
+    import engine.formats as F
+
+    root = Path(F.__file__).parent
+    found = {}
+    for path in root.glob("*.py"):
+        text = path.read_text()
+        for m in re.finditer(r"@register\s+class \w+\(.*?\):.*?format_name = \"(\w+)\"", text, re.S):
+            found[m.group(1)] = path.stem
+    assert found and found == F.DRIVER_MODULES
