@@ -1,7 +1,8 @@
 """parablock convert vs qemu-img convert, side by side in the same run.
 
 Builds the images of ../shared/reference/perf-anchors.md (a virtual disk, half allocated: alternating
-1 MiB of random data and a 1 MiB hole), then runs each case as A/B pairs (parablock, qemu-img, alternating;
+1 MiB of random data and a 1 MiB hole), then runs each case as A/B pairs after one uncounted warm-up pair (parablock, qemu-img, the order
+swapped every other pair;
 before each run the previous output is removed, the file system synced and --prefault GiB of memory
 touched, see ``prefault``) and prints the medians, the median of the per-pair ratios
 parablock/qemu-img, MiB/s and the peak RSS summed over each tool's whole process tree.  Results also go to
@@ -77,6 +78,11 @@ def prefault(gib: float) -> None:
     populate = getattr(mmap, "MAP_POPULATE", 0x8000)
     m = mmap.mmap(-1, int(gib * (1 << 30)), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
     m.close()
+
+
+def _order(k: int, pair: tuple) -> tuple:
+    """A, B in even pairs and B, A in odd ones: neither tool always runs right after the other."""
+    return pair if k % 2 == 0 else pair[::-1]
 
 
 def default_workers(compress: bool) -> int:
@@ -167,9 +173,9 @@ def main() -> None:
                                               capture_output=True, text=True, check=True).stdout)["virtual-size"])
         rows = {"parablock": [], "qemu-img": []}
         ratios = []
-        for _ in range(args.pairs):
+        for k in range(-1, args.pairs):  # pair -1 is a warm-up, not counted
             pair = {}
-            for tool in ("parablock", "qemu-img"):
+            for tool in _order(k, ("parablock", "qemu-img")):
                 if out.exists():
                     out.unlink()
                 os.sync()  # clean slate: no run pays for the previous one's writeback (perf-anchors §3.1)
@@ -177,13 +183,15 @@ def main() -> None:
                 cmd = (par if tool == "parablock" else ["qemu-img", "convert"]) + \
                     ["-f", sfmt, "-O", ofmt, *extra, str(src), str(out)]
                 wall, rss = run_measured(cmd, env)
-                rows[tool].append((wall, rss))
+                if k >= 0:
+                    rows[tool].append((wall, rss))
                 pair[tool] = wall
                 if tool == "parablock":
                     psize = out.stat().st_size
                 else:
                     qsize = out.stat().st_size
-            ratios.append(pair["parablock"] / pair["qemu-img"])
+            if k >= 0:
+                ratios.append(pair["parablock"] / pair["qemu-img"])
         res = {"case": name, "virtual_size": vsize, "pairs": args.pairs,
                "workers": args.workers or default_workers("-c" in extra)}
         for tool, vals in rows.items():
@@ -206,9 +214,9 @@ def main() -> None:
         work = d / "commit"
         rows = {"parablock": [], "qemu-img": []}
         ratios = []
-        for _ in range(args.pairs):
+        for k in range(-1, args.pairs):
             pair = {}
-            for tool in ("parablock", "qemu-img"):
+            for tool in _order(k, ("parablock", "qemu-img")):
                 shutil.rmtree(work, ignore_errors=True)
                 work.mkdir()
                 for name in ("base.qcow2", "mid.qcow2", "top.qcow2"):
@@ -218,9 +226,11 @@ def main() -> None:
                 cmd = (eng if tool == "parablock" else ["qemu-img"]) + \
                     ["commit", "-q", "-b", str(work / "base.qcow2"), str(work / "top.qcow2")]
                 wall, pss = run_measured(cmd, env)
-                rows[tool].append((wall, pss))
+                if k >= 0:
+                    rows[tool].append((wall, pss))
                 pair[tool] = wall
-            ratios.append(pair["parablock"] / pair["qemu-img"])
+            if k >= 0:
+                ratios.append(pair["parablock"] / pair["qemu-img"])
         res = {"case": "commit-chain", "pairs": args.pairs, "ratio_median": statistics.median(ratios),
                "ratio_min": min(ratios), "workers": args.workers or default_workers(False)}
         for tool, vals in rows.items():
@@ -236,15 +246,16 @@ def main() -> None:
         src = imgs["c"]
         out = d / "scale.qcow2"
         walls: dict[int, list[float]] = {1: [], 2: []}
-        for _ in range(args.pairs):
-            for n in (1, 2):
+        for k in range(-1, args.pairs):
+            for n in _order(k, (1, 2)):
                 if out.exists():
                     out.unlink()
                 os.sync()
                 prefault(warm)
                 wall, _ = run_measured([sys.executable, "-m", "engine", "convert", "--workers", str(n), "-c",
                                         "-f", "raw", "-O", "qcow2", str(src), str(out)], env)
-                walls[n].append(wall)
+                if k >= 0:
+                    walls[n].append(wall)
         speedup = statistics.median(walls[1]) / statistics.median(walls[2])
         results.append({"case": "compressed-scaling", "workers_1_s": statistics.median(walls[1]),
                         "workers_2_s": statistics.median(walls[2]), "workers_1_min_s": min(walls[1]),
