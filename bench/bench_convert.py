@@ -1,11 +1,11 @@
 """parablock convert vs qemu-img convert, side by side in the same run.
 
 Builds the images of ../shared/reference/perf-anchors.md (a virtual disk, half allocated: alternating
-1 MiB of random data and a 1 MiB hole), then runs each case as A/B pairs after one uncounted warm-up pair (parablock, qemu-img, the order
-swapped every other pair;
-before each run the previous output is removed, the file system synced and --prefault GiB of memory
-touched, see ``prefault``) and prints the medians, the median of the per-pair ratios
-parablock/qemu-img, MiB/s and the peak RSS summed over each tool's whole process tree.  Results also go to
+1 MiB of random data and a 1 MiB hole), then runs each case as A/B pairs (parablock and qemu-img, the
+order swapped every other pair) after one uncounted warm-up pair.  Before each run the previous output is
+removed, the file system synced and --prefault GiB of memory touched (see ``prefault``).  Prints the
+medians, the median of the per-pair ratios parablock/qemu-img, MiB/s and the peak PSS summed over each
+tool's whole process tree.  Results, every run's figures included, also go to
 bench/results/convert.json.
 
     python bench/bench_convert.py                 # 4 GiB image, 5 pairs
