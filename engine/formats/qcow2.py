@@ -902,6 +902,12 @@ class Qcow2Driver(BlockDriver):
             return ci
         if self.rorder >= 3:
             return self._find_free_run_bytes(n)
+        return self._find_free_run_scan(n)
+
+    def _find_free_run_scan(self, n: int) -> int:
+        """The first run of ``n`` clusters with refcount 0 from the hint on, one cluster at a time (the
+        hint moves to the first free cluster seen)."""
+        ci = self.free_hint
         run_start = ci
         run = 0
         first_free = -1
