@@ -54,6 +54,10 @@ class BlockDriver:
     is_filter: ClassVar[bool] = False
     #: requests may run concurrently from several threads (no metadata state of its own)
     thread_safe: ClassVar[bool] = False
+    #: small reads and block status of this driver never block for long (no sleeps, no waits on other
+    #: threads, data read with a plain pread): the daemon may run them on its event loop instead of
+    #: paying a helper-thread round trip per request (``BlockNode.read``, the NBD server)
+    inline_reads: ClassVar[bool] = False
     #: False where QEMU's driver has no block status (vhdx): ``map`` then shows what qemu-img shows,
     #: while convert still uses the real extents
     qemu_block_status: ClassVar[bool] = True

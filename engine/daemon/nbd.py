@@ -523,7 +523,7 @@ class NbdClient:
             else:
                 await self._send(c.simple_reply(req.handle, 0, data))
             return
-        ext = await node._driver(base_extents, node.driver, req.offset, req.length, MAX_EXTENTS)
+        ext = await node._driver_read(req.length, base_extents, node.driver, req.offset, req.length, MAX_EXTENTS)
         # runs of (offset, length, is_hole); anything the status did not cover is read as data
         runs: list[list[Any]] = []
         pos = req.offset
@@ -559,7 +559,8 @@ class NbdClient:
         parts = []
         for i, (ctx_id, name) in enumerate(self.contexts):
             if name == BASE_ALLOCATION:
-                ext = await node._driver(base_extents, node.driver, req.offset, req.length, limit)
+                ext = await node._driver_read(req.length, base_extents, node.driver, req.offset, req.length,
+                                              limit)
             elif name == ALLOCATION_DEPTH:
                 ext = await node._driver(depth_extents, node.driver, req.offset, req.length, limit)
             else:

@@ -43,6 +43,7 @@ def perms_for(read_only: bool, force_share: bool = False) -> tuple[int, int]:
 @register
 class FileDriver(BlockDriver):
     format_name = "file"
+    inline_reads = True
     is_protocol = True
     thread_safe = True
 

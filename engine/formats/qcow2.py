@@ -54,6 +54,7 @@ def _div_up(a: int, b: int) -> int:
 @register
 class Qcow2Driver(BlockDriver):
     format_name = "qcow2"
+    inline_reads = True
     supports_backing = True
 
     @classmethod

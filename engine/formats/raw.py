@@ -11,6 +11,7 @@ from engine.units import round_up
 @register
 class RawDriver(BlockDriver):
     format_name = "raw"
+    inline_reads = True
     thread_safe = True
 
     @classmethod
