@@ -218,10 +218,14 @@ class BlockNode:
     async def _driver(self, fn: Callable, *args: Any) -> Any:
         """Run a synchronous driver call in a helper thread; drivers with metadata state of their own
         (qcow2) take one call at a time per graph."""
-        if self.driver.thread_safe and (self.driver.backing is None or self.driver.backing.thread_safe):
+        if self._lock_free():
             return await asyncio.to_thread(fn, *args)
         async with self.graph.driver_lock:
             return await asyncio.to_thread(fn, *args)
+
+    def _lock_free(self) -> bool:
+        """Whether this node's driver calls may run concurrently (raw and file, not qcow2)."""
+        return self.driver.thread_safe and (self.driver.backing is None or self.driver.backing.thread_safe)
 
     def _inline_ok(self, length: int) -> bool:
         """Whether a read or block status of ``length`` bytes may run on the event loop: small, and every
@@ -242,7 +246,7 @@ class BlockNode:
         round trip that dominates a 4 KiB request."""
         if not self._inline_ok(length):
             return await self._driver(fn, *args)
-        if self.driver.thread_safe and (self.driver.backing is None or self.driver.backing.thread_safe):
+        if self._lock_free():
             return fn(*args)
         async with self.graph.driver_lock:
             return fn(*args)

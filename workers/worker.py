@@ -358,7 +358,7 @@ WORKER_THREADS = 2
 def _threaded(op: str, args: list) -> bool:
     """Whether a request may run on a worker thread.  A compressing gather is CPU work that holds the
     GIL for part of each cluster: it stays on the loop, and compression scales with worker processes."""
-    return op in THREADED_OPS and not (op == "gather" and args[4] is not None)
+    return op in THREADED_OPS and not (op == "gather" and len(args) > 4 and args[4] is not None)
 
 
 def worker_main(conn, owner_pid: int, fd: int, nslots: int, slot_size: int) -> None:
