@@ -22,7 +22,7 @@ from engine.block import block_status, chain, chain_block_status, is_allocated_a
 from engine.driver import BlockDriver, Status
 from engine.errors import InvalidArgument
 from engine.formats.file import FileDriver
-from ipc.ranges import coalesce_writes, subtract_sorted, touched_units
+from ipc.ranges import coalesce_writes, consecutive_runs, subtract_sorted, touched_units
 
 MiB = 1 << 20
 
@@ -340,14 +340,7 @@ class Converter:
                                               (p.offset - win.start + p.length - 1) // cs + 1)})
         else:
             clusters = list(range(-(-win.length // cs)))
-        groups = []
-        i = 0
-        while i < len(clusters):
-            j = i
-            while j + 1 < len(clusters) and clusters[j + 1] == clusters[j] + 1:
-                j += 1
-            groups.append((clusters[i], j - i + 1))
-            i = j + 1
+        groups = [(c0, end - c0) for c0, end in consecutive_runs(clusters)]
         vc0 = win.start >> tgt.cbits  # type: ignore[attr-defined]
         if not all(tgt.is_unallocated_run(vc0 + c0, n) for c0, n in groups):  # type: ignore[attr-defined]
             return None
@@ -496,12 +489,8 @@ class Converter:
                 continue
             self._zero_target(win.start + c * cs, min(cs, win.length - c * cs))
         # group consecutive data clusters into runs that are allocated (and written) together
-        i = 0
-        while i < len(data_clusters):
-            j = i
-            while j + 1 < len(data_clusters) and data_clusters[j + 1] == data_clusters[j] + 1:
-                j += 1
-            c0, count = data_clusters[i], j - i + 1
+        for c0, c_end in consecutive_runs(data_clusters):
+            count = c_end - c0
             vc = (win.start >> tgt.cbits) + c0  # type: ignore[attr-defined]
             nbytes = min(count * cs, win.length - c0 * cs)
             if tgt.is_unallocated_run(vc, count):  # type: ignore[attr-defined]
@@ -525,7 +514,6 @@ class Converter:
                 data = bytes(self.mover.slots.slot(slot)[c0 * cs:c0 * cs + nbytes])
                 tgt.write(win.start + c0 * cs, data)
                 self.stats.fallback_bytes += nbytes
-            i = j + 1
         return writes, links
 
     def _write_generic(self, win: _Window, slot: int, runs: list, skip: list) -> list:

@@ -39,6 +39,17 @@ def touched_units(runs: list, start: int, end: int, unit: int) -> list[int]:
     return out
 
 
+def consecutive_runs(items: list[int]) -> list[tuple[int, int]]:
+    """Sorted, distinct integers as ``(first, end)`` runs of consecutive values (``end`` exclusive)."""
+    out: list[tuple[int, int]] = []
+    for x in items:
+        if out and out[-1][1] == x:
+            out[-1] = (out[-1][0], x + 1)
+        else:
+            out.append((x, x + 1))
+    return out
+
+
 def coalesce_writes(writes: list) -> list:
     """Scatter writes ``[handle, host, slot_offset, n]`` with each one that continues the previous one on
     both sides (same handle, next host byte, next slot byte) merged into it: one pwrite instead of many

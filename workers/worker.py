@@ -12,7 +12,7 @@ import threading
 import time
 
 from ipc import wire
-from ipc.ranges import subtract_sorted, touched_units
+from ipc.ranges import consecutive_runs, subtract_sorted, touched_units
 from ipc.shm import SlotView
 from workers import codecs
 from workers.inproc import InProcessExecutor
@@ -170,16 +170,10 @@ class Worker:
             if unit == 0:
                 writes.extend((fd_h, host + r - s_off, view[r:r + m]) for r, m in runs)
                 continue
-            units = touched_units(runs, s_off, s_off + n, unit)
-            k = 0
-            while k < len(units):
-                j = k
-                while j + 1 < len(units) and units[j + 1] == units[j] + 1:
-                    j += 1
-                lo = s_off + units[k] * unit
-                hi = min(s_off + (units[j] + 1) * unit, s_off + n)
+            for u0, u_end in consecutive_runs(touched_units(runs, s_off, s_off + n, unit)):
+                lo = s_off + u0 * unit
+                hi = min(s_off + u_end * unit, s_off + n)
                 writes.append((fd_h, host + lo - s_off, view[lo:hi]))
-                k = j + 1
         with self.write_lock:
             for fd_h, off, data in writes:
                 self.ex.pwrite(fd_h, off, data)

@@ -85,6 +85,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from engine.driver import BlockDriver, Extent, Status, read_mapped, register
 from engine.errors import CorruptImage, ImageOpenError, InvalidArgument, NotSupported, os_error_text
+from ipc.ranges import consecutive_runs
 
 if TYPE_CHECKING:
     from engine.formats.qcow2_check import CheckResult
@@ -971,15 +972,8 @@ class VhdxDriver(BlockDriver):
         assert f is not None
         for idx, value in entries:
             self.bat[idx] = value
-        idxs = sorted({i for i, _v in entries})
-        i = 0
-        while i < len(idxs):
-            j = i
-            while j + 1 < len(idxs) and idxs[j + 1] == idxs[j] + 1:
-                j += 1
-            lo, hi = idxs[i], idxs[j] + 1
+        for lo, hi in consecutive_runs(sorted({i for i, _v in entries})):
             f.write(self.bat_offset + lo * 8, struct.pack(f"<{hi - lo}Q", *self.bat[lo:hi]))
-            i = j + 1
 
     def _visible_write(self) -> None:
         """Before the first guest-visible change: both headers get a new data-write GUID (QEMU's

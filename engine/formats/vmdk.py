@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 from engine.driver import BlockDriver, Extent, Status, register
 from engine.errors import BlockError, CorruptImage, ImageOpenError, InvalidArgument, NotSupported
 from engine.formats.file import FileDriver
+from ipc.ranges import consecutive_runs
 
 if TYPE_CHECKING:
     from ipc.executor import Executor
@@ -848,12 +849,7 @@ class VmdkDriver(BlockDriver):
         for ext, idxs, primary, backup in touched.values():
             idxs.sort()
             table = self._gt(ext, primary)
-            i = 0
-            while i < len(idxs):
-                j = i
-                while j + 1 < len(idxs) and idxs[j + 1] == idxs[j] + 1:
-                    j += 1
-                lo, hi = idxs[i], idxs[j] + 1
+            for lo, hi in consecutive_runs(idxs):
                 raw = _le_bytes(table[lo:hi])
                 _pwrite(ext.file, primary * SECTOR + lo * 4, raw, metadata=True)
                 if backup:
@@ -861,7 +857,6 @@ class VmdkDriver(BlockDriver):
                     cached = ext.gt_cache.get(backup)
                     if cached is not None and backup != primary:
                         cached[lo:hi] = table[lo:hi]
-                i = j + 1
             files[id(ext.file)] = ext.file
         for ext, l1, primary, backup in new_dirs:
             for directory, where, t in ((ext.gd, ext.gd_offset, primary), (ext.rgd, ext.rgd_offset, backup)):

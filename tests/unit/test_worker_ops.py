@@ -93,3 +93,11 @@ def test_coalesced_writes_write_the_same_bytes(spec):
     assert len(merged) <= len(writes)
     assert all(not (a[0] == b[0] and a[1] + a[3] == b[1] and a[2] + a[3] == b[2])
                for a, b in itertools.pairwise(merged))
+
+
+def test_consecutive_runs():
+    from ipc.ranges import consecutive_runs
+
+    assert consecutive_runs([]) == []
+    assert consecutive_runs([3]) == [(3, 4)]
+    assert consecutive_runs([0, 1, 2, 5, 6, 9]) == [(0, 3), (5, 7), (9, 10)]
